@@ -1,0 +1,665 @@
+// CUDA kernels of the page codec (docs/format.md); byte-identical to codec_cpu.cpp.
+//
+// One thread block (CTA) codes one page. The page is staged in shared memory, so
+// the column-major stream order costs nothing extra, and each warp codes one
+// 32-value block at a time: lane i holds value i, a warp OR gives the width and
+// one ballot per bit gives each bit-plane word. Compression finds each page's
+// output offset with a single-pass decoupled look-back over the pages before it,
+// so the whole batch is one launch with no host round trip.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cuda/atomic>
+
+#include "codec_common.h"
+#include "ops.h"
+
+namespace kvcompress {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+template <uint8_t Code>
+struct CudaType;
+template <>
+struct CudaType<kFp16> {
+  using type = __half;
+  __device__ static float to_f32(__half v) { return __half2float(v); }
+  __device__ static __half from_f32(float v) { return __float2half_rn(v); }
+};
+template <>
+struct CudaType<kBf16> {
+  using type = __nv_bfloat16;
+  __device__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct CudaType<kFp32> {
+  using type = float;
+  __device__ static float to_f32(float v) { return v; }
+  __device__ static float from_f32(float v) { return v; }
+};
+
+// Look-back flag: state in the top two bits, an inclusive or partial byte count below.
+constexpr unsigned long long kFlagAggregate = 1ull << 62;
+constexpr unsigned long long kFlagPrefix = 2ull << 62;
+constexpr unsigned long long kFlagValue = (1ull << 62) - 1;
+
+struct SharedLayout {
+  uint32_t page_bytes;  // page storage, rounded up to 16
+  uint32_t num_blocks;
+  __host__ __device__ uint32_t widths_at() const { return page_bytes; }
+  __host__ __device__ uint32_t words_at() const { return widths_at() + round_up(num_blocks, 16); }
+  __host__ __device__ uint32_t outl_at() const { return words_at() + 4 * round_up(num_blocks, 4); }
+  // Compression keeps each block's zigzagged outlier here ...
+  __host__ __device__ uint32_t zig_at() const { return outl_at() + 4 * round_up(num_blocks, 4); }
+  // ... and assembles the outlier section here (at most 3 bytes a block).
+  __host__ __device__ uint32_t stage_at() const { return zig_at() + 4 * round_up(num_blocks, 4); }
+  __host__ __device__ uint32_t total() const { return stage_at() + round_up(3 * num_blocks, 16); }
+};
+
+__host__ __device__ SharedLayout shared_layout(uint32_t n, int elem_bytes) {
+  return SharedLayout{round_up(n * elem_bytes, 16), (n + kBlockValues - 1) / kBlockValues};
+}
+
+template <typename Op>
+__device__ uint32_t block_reduce(uint32_t v, uint32_t* scratch, Op op) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < kWarps; ++w) v = op(v, scratch[w]);
+  return v;
+}
+
+__device__ float block_reduce_f(float v, float* scratch, bool take_max) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(kFull, v, o);
+    v = take_max ? fmaxf(v, other) : fminf(v, other);
+  }
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < kWarps; ++w) v = take_max ? fmaxf(v, scratch[w]) : fminf(v, scratch[w]);
+  return v;
+}
+
+// Exclusive prefix sums of words[0..count) and outl[0..count) in place; returns totals.
+__device__ uint2 block_exclusive_scan(uint32_t* words, uint32_t* outl, uint32_t count,
+                                      uint2* scratch) {
+  const uint32_t per = (count + kThreads - 1) / kThreads;
+  const uint32_t begin = min(count, threadIdx.x * per), end = min(count, begin + per);
+  uint2 local = make_uint2(0, 0);
+  for (uint32_t i = begin; i < end; ++i) {
+    local.x += words[i];
+    local.y += outl[i];
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint2 incl = local;
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t x = __shfl_up_sync(kFull, incl.x, o), y = __shfl_up_sync(kFull, incl.y, o);
+    if (lane >= o) {
+      incl.x += x;
+      incl.y += y;
+    }
+  }
+  __syncthreads();
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  uint2 base = make_uint2(incl.x - local.x, incl.y - local.y), total = make_uint2(0, 0);
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) {
+      base.x += scratch[w].x;
+      base.y += scratch[w].y;
+    }
+    total.x += scratch[w].x;
+    total.y += scratch[w].y;
+  }
+  for (uint32_t i = begin; i < end; ++i) {
+    const uint32_t w = words[i], k = outl[i];
+    words[i] = base.x;
+    outl[i] = base.y;
+    base.x += w;
+    base.y += k;
+  }
+  __syncthreads();
+  return total;
+}
+
+// Copies `bytes` (a multiple of 4) between word-aligned buffers, 16 bytes at a
+// time when both are 16-byte aligned.
+__device__ void copy_words(uint8_t* dst, const uint8_t* src, uint32_t bytes) {
+  uint32_t done = 0;
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+    done = bytes / 16 * 4;
+    for (uint32_t i = threadIdx.x; i < bytes / 16; i += kThreads) {
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+    }
+  }
+  for (uint32_t i = done + threadIdx.x; i < bytes / 4; i += kThreads) {
+    reinterpret_cast<uint32_t*>(dst)[i] = reinterpret_cast<const uint32_t*>(src)[i];
+  }
+}
+
+// Checksum terms of `bytes` (a multiple of 4) of words starting at word index
+// `first`; `p` is 16-byte aligned.
+__device__ uint32_t checksum_words(const uint8_t* p, uint32_t bytes, uint32_t first) {
+  uint32_t sum = 0;
+  const uint32_t vecs = bytes / 16;
+  for (uint32_t i = threadIdx.x; i < vecs; i += kThreads) {
+    const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+    sum += checksum_term(v.x, first + 4 * i) + checksum_term(v.y, first + 4 * i + 1) +
+           checksum_term(v.z, first + 4 * i + 2) + checksum_term(v.w, first + 4 * i + 3);
+  }
+  for (uint32_t i = vecs * 4 + threadIdx.x; i < bytes / 4; i += kThreads) {
+    sum += checksum_term(reinterpret_cast<const uint32_t*>(p)[i], first + i);
+  }
+  return sum;
+}
+
+__device__ uint32_t header_checksum_sum(const PageHeader& h) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(&h);
+  uint32_t sum = 0;
+  for (int i = 0; i < kHeaderChecksumWords; ++i) sum += checksum_term(w[i], i);
+  return sum;
+}
+
+struct CompressArgs {
+  const uint8_t* src;
+  int64_t src_stride_bytes;
+  int64_t num_src_pages;
+  const int64_t* page_ids;
+  uint8_t* out;
+  int64_t* table;
+  unsigned long long* flags;
+  unsigned int* ticket;
+  uint32_t n;
+  uint32_t rows;
+  double eb;
+  bool relative;
+  uint8_t mode;
+};
+
+// Quantised value and residual of lane `lane` of block j (docs/format.md).
+struct LaneCode {
+  int32_t q;
+  int32_t d;
+  bool bad;
+};
+
+template <uint8_t Code>
+__device__ LaneCode code_lane(const typename CudaType<Code>::type* page, uint32_t j, int lane,
+                              uint32_t n, uint32_t rows, uint8_t mode, const PageQuant& pq) {
+  using C = CudaType<Code>;
+  const uint32_t s = j * kBlockValues + lane;
+  const bool valid = s < n;
+  LaneCode c{0, 0, false};
+  if (valid) {
+    const float x = C::to_f32(page[memory_index(s, rows, n / rows)]);
+    const float p = mul_rn(x, pq.inv);
+    if (fabsf(p) > kMaxQuant) {
+      c.bad = true;
+    } else {
+      c.q = __float2int_rn(p);
+      const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(c.q), pq.step)));
+      c.bad = fabs(static_cast<double>(x) - static_cast<double>(y)) > static_cast<double>(pq.eb);
+    }
+  }
+  const int32_t prev = __shfl_up_sync(kFull, c.q, 1);
+  if (!valid) {
+    c.d = 0;
+  } else if (mode == kFixed) {
+    c.d = c.q;
+  } else if (lane == 0) {
+    c.d = mode == kOutlier ? 0 : c.q;
+  } else {
+    c.d = c.q - prev;
+  }
+  return c;
+}
+
+__device__ void publish(unsigned long long* flag, unsigned long long v) {
+  cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> ref(*flag);
+  ref.store(v, cuda::memory_order_release);
+}
+
+// Single-thread decoupled look-back: the byte offset of page `idx`'s record.
+__device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t len) {
+  if (idx == 0) {
+    publish(&flags[0], kFlagPrefix | len);
+    return 0;
+  }
+  publish(&flags[idx], kFlagAggregate | len);
+  uint64_t exclusive = 0;
+  for (int64_t j = static_cast<int64_t>(idx) - 1; j >= 0;) {
+    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> ref(flags[j]);
+    const unsigned long long v = ref.load(cuda::memory_order_acquire);
+    if (v == 0) continue;
+    exclusive += v & kFlagValue;
+    if (v & kFlagPrefix) break;
+    --j;
+  }
+  publish(&flags[idx], kFlagPrefix | (exclusive + len));
+  return exclusive;
+}
+
+template <uint8_t Code>
+__global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
+  using C = CudaType<Code>;
+  using T = typename C::type;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ uint32_t scratch[kWarps];
+  __shared__ uint2 scan_scratch[kWarps];
+  __shared__ uint32_t page_index;
+  __shared__ PageQuant pq_s;
+  __shared__ uint64_t offset_s;
+  __shared__ uint32_t payload_len_s;
+  __shared__ uint8_t reason_s;
+
+  const SharedLayout L = shared_layout(a.n, sizeof(T));
+  T* page = reinterpret_cast<T*>(smem);
+  uint8_t* widths = smem + L.widths_at();
+  uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
+  uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
+  uint32_t* zig = reinterpret_cast<uint32_t*>(smem + L.zig_at());
+  uint8_t* stage = smem + L.stage_at();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t B = L.num_blocks, page_bytes = a.n * sizeof(T);
+
+  // Pages are taken in ticket order, so a CTA only ever waits on CTAs already running.
+  if (threadIdx.x == 0) page_index = atomicAdd(a.ticket, 1u);
+  __syncthreads();
+  const uint32_t idx = page_index;
+  const int64_t src_id = a.page_ids[idx];
+  if (src_id < 0 || src_id >= a.num_src_pages) {
+    if (threadIdx.x == 0) {
+      const uint64_t off = look_back(a.flags, idx, 0);
+      a.table[3 * idx] = static_cast<int64_t>(off);
+      a.table[3 * idx + 1] = 0;
+      a.table[3 * idx + 2] = kBadSourceIndex;
+    }
+    return;
+  }
+
+  // Stage the page and find its range.
+  const uint8_t* src = a.src + src_id * a.src_stride_bytes;
+  float mx = -INFINITY, mn = INFINITY;
+  bool nonfinite = false;
+  if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0) {
+    constexpr int per = 16 / sizeof(T);
+    for (uint32_t i = threadIdx.x; i < page_bytes / 16; i += kThreads) {
+      const uint4 v = reinterpret_cast<const uint4*>(src)[i];
+      reinterpret_cast<uint4*>(smem)[i] = v;
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int k = 0; k < per; ++k) {
+        const float f = C::to_f32(e[k]);
+        nonfinite |= !isfinite(f);
+        mx = fmaxf(mx, f);
+        mn = fminf(mn, f);
+      }
+    }
+  } else {
+    for (uint32_t i = threadIdx.x; i < a.n; i += kThreads) {
+      const T v = reinterpret_cast<const T*>(src)[i];
+      page[i] = v;
+      const float f = C::to_f32(v);
+      nonfinite |= !isfinite(f);
+      mx = fmaxf(mx, f);
+      mn = fminf(mn, f);
+    }
+  }
+  // A raw page's payload is padded to whole words with zeros.
+  if (threadIdx.x < L.page_bytes - page_bytes) smem[page_bytes + threadIdx.x] = 0;
+  mx = block_reduce_f(mx, reinterpret_cast<float*>(scratch), true);
+  mn = block_reduce_f(mn, reinterpret_cast<float*>(scratch), false);
+  nonfinite = __syncthreads_or(nonfinite);
+  if (threadIdx.x == 0) pq_s = choose_quant(Code, a.relative, a.eb, mx, mn, nonfinite);
+  __syncthreads();
+  const PageQuant pq = pq_s;
+
+  // Pass 1: widths, outliers and the bound check of every value.
+  bool bad = pq.raw_reason != 0;
+  if (!bad) {
+    for (uint32_t j = warp; j < B; j += kWarps) {
+      const LaneCode c = code_lane<Code>(page, j, lane, a.n, a.rows, a.mode, pq);
+      bad |= c.bad;
+      const int f = bit_length(__reduce_or_sync(kFull, static_cast<uint32_t>(abs(c.d))));
+      if (lane == 0) {
+        const uint32_t z = a.mode == kOutlier ? zigzag(c.q) : 0u;
+        const int k = byte_length(z);
+        widths[j] = static_cast<uint8_t>(f | (k << 5));
+        words[j] = block_words(f);
+        outl[j] = k;
+        zig[j] = z;
+      }
+    }
+  }
+  bad = __syncthreads_or(bad);
+  uint2 totals = make_uint2(0, 0);
+  if (!bad) totals = block_exclusive_scan(words, outl, B, scan_scratch);
+
+  if (threadIdx.x == 0) {
+    uint8_t reason = pq.raw_reason;
+    if (reason == 0 && bad) reason = kRawBoundUnattainable;
+    uint32_t payload_len = raw_payload_len(a.n, Code);
+    if (reason == 0) {
+      const uint32_t packed = compressed_payload_len(B, totals.y, totals.x);
+      if (packed >= payload_len) {
+        reason = kRawNoGain;
+      } else {
+        payload_len = packed;
+      }
+    }
+    const uint64_t record = round_up(kHeaderBytes + payload_len, kRecordAlign);
+    offset_s = look_back(a.flags, idx, record);
+    payload_len_s = payload_len;
+    reason_s = reason;
+    a.table[3 * idx] = static_cast<int64_t>(offset_s);
+    a.table[3 * idx + 1] = static_cast<int64_t>(record);
+    a.table[3 * idx + 2] = reason;
+  }
+  __syncthreads();
+
+  // Pass 2: write the payload at the record's offset, then the header.
+  uint8_t* rec = a.out + offset_s;
+  uint8_t* payload = rec + kHeaderBytes;
+  const uint32_t payload_len = payload_len_s;
+  const uint8_t reason = reason_s;
+  uint32_t sum = 0;
+  if (reason != 0) {
+    copy_words(payload, smem, payload_len);
+    sum = checksum_words(smem, payload_len, kHeaderChecksumWords);
+  } else {
+    const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
+    for (uint32_t i = B + threadIdx.x; i < width_bytes; i += kThreads) widths[i] = 0;
+    for (uint32_t i = threadIdx.x; i < outlier_bytes; i += kThreads) stage[i] = 0;
+    __syncthreads();
+    for (uint32_t j = threadIdx.x; j < B && outlier_bytes > 0; j += kThreads) {
+      const uint32_t z = zig[j];
+      for (int b = 0; b < byte_length(z); ++b) stage[outl[j] + b] = static_cast<uint8_t>(z >> (8 * b));
+    }
+    __syncthreads();
+    copy_words(payload, widths, width_bytes);
+    sum = checksum_words(widths, width_bytes, kHeaderChecksumWords);
+    copy_words(payload + width_bytes, stage, outlier_bytes);
+    sum += checksum_words(stage, outlier_bytes, kHeaderChecksumWords + width_bytes / 4);
+
+    const uint32_t plane_word0 = (width_bytes + outlier_bytes) / 4;
+    uint32_t* planes = reinterpret_cast<uint32_t*>(payload) + plane_word0;
+    for (uint32_t j = warp; j < B; j += kWarps) {
+      const int f = widths[j] & 31;
+      if (f == 0) continue;
+      const LaneCode c = code_lane<Code>(page, j, lane, a.n, a.rows, a.mode, pq);
+      const uint32_t mag = static_cast<uint32_t>(abs(c.d));
+      // Lane 0 keeps the sign word, lane b + 1 the word of bit b.
+      uint32_t mine = __ballot_sync(kFull, c.d < 0);
+      for (int b = 0; b < f; ++b) {
+        const uint32_t plane = __ballot_sync(kFull, (mag >> b) & 1u);
+        if (lane == b + 1) mine = plane;
+      }
+      if (lane <= f) {
+        const uint32_t at = words[j] + lane;
+        planes[at] = mine;
+        sum += checksum_term(mine, kHeaderChecksumWords + plane_word0 + at);
+      }
+    }
+  }
+  const uint32_t record_end = round_up(kHeaderBytes + payload_len, kRecordAlign);
+  for (uint32_t i = kHeaderBytes + payload_len + 4 * threadIdx.x; i < record_end; i += 4 * kThreads) {
+    *reinterpret_cast<uint32_t*>(rec + i) = 0;
+  }
+  sum = block_reduce(sum, scratch, [](uint32_t x, uint32_t y) { return x + y; });
+  if (threadIdx.x == 0) {
+    union {
+      PageHeader h;
+      uint4 v[2];
+    } header;
+    header.h = make_header(Code, a.mode, a.relative, a.n, a.rows, pq, reason, payload_len);
+    header.h.checksum = checksum_finish(sum + header_checksum_sum(header.h), payload_len);
+    reinterpret_cast<uint4*>(rec)[0] = header.v[0];
+    reinterpret_cast<uint4*>(rec)[1] = header.v[1];
+  }
+}
+
+struct DecompressArgs {
+  const uint8_t* buf;
+  int64_t buf_size;
+  const int64_t* table;
+  int64_t table_cols;
+  uint8_t* dst;
+  int64_t dst_stride_bytes;
+  int64_t num_dst_pages;
+  const int64_t* dst_ids;
+  int32_t* status;
+  uint32_t n;
+};
+
+// Moves one page between shared memory and its (possibly unaligned) global home.
+template <typename T>
+__device__ void copy_page(uint8_t* dst, const uint8_t* src, uint32_t n) {
+  const uint32_t bytes = n * sizeof(T);
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0 &&
+      bytes % 16 == 0) {
+    copy_words(dst, src, bytes);
+  } else {
+    for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
+      reinterpret_cast<T*>(dst)[i] = reinterpret_cast<const T*>(src)[i];
+    }
+  }
+}
+
+// Header and record checks that need only the header (the first rows of the
+// decode table in docs/format.md); the caller's thread 0 runs it.
+__device__ int32_t check_record(const DecompressArgs& a, uint32_t idx, PageHeader* h,
+                                int64_t* offset) {
+  const int64_t dst_id = a.dst_ids[idx];
+  if (dst_id < 0 || dst_id >= a.num_dst_pages) return kBadIndex;
+  const int64_t off = a.table[a.table_cols * idx], nb = a.table[a.table_cols * idx + 1];
+  if (off < 0 || nb < kHeaderBytes || off % kRecordAlign != 0 || off > a.buf_size - nb) {
+    return kBadRecord;
+  }
+  reinterpret_cast<uint4*>(h)[0] = reinterpret_cast<const uint4*>(a.buf + off)[0];
+  reinterpret_cast<uint4*>(h)[1] = reinterpret_cast<const uint4*>(a.buf + off)[1];
+  if (h->magic != kMagic || h->version != kVersion) return kBadMagic;
+  if (h->payload_len % 4 != 0 || h->payload_len > nb - kHeaderBytes) return kBadRecord;
+  *offset = off;
+  return kOk;
+}
+
+// Checks that need the whole payload to have been summed.
+__device__ int32_t check_payload(const PageHeader& h, uint32_t sum, uint8_t code, uint32_t n) {
+  if (checksum_finish(sum + header_checksum_sum(h), h.payload_len) != h.checksum) {
+    return kBadChecksum;
+  }
+  if (h.dtype != code || h.n != n) return kMismatch;
+  if (h.flags & kFlagRaw) return h.payload_len == raw_payload_len(n, code) ? kOk : kMalformed;
+  const uint32_t num_blocks = (n + kBlockValues - 1) / kBlockValues;
+  if (h.mode > kOutlier || h.rows == 0 || n % h.rows != 0 || !isfinite(h.step) ||
+      !(h.step > 0.0f) || round_up(num_blocks, 4) > h.payload_len) {
+    return kMalformed;
+  }
+  return kOk;
+}
+
+template <uint8_t Code>
+__global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) {
+  using C = CudaType<Code>;
+  using T = typename C::type;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ uint32_t scratch[kWarps];
+  __shared__ uint2 scan_scratch[kWarps];
+  __shared__ __align__(16) PageHeader h_s;
+  __shared__ int64_t offset_s;
+  __shared__ int32_t status_s;
+
+  const SharedLayout L = shared_layout(a.n, sizeof(T));
+  T* page = reinterpret_cast<T*>(smem);
+  uint8_t* widths = smem + L.widths_at();
+  uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
+  uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t idx = blockIdx.x, B = L.num_blocks;
+
+  if (threadIdx.x == 0) status_s = check_record(a, idx, &h_s, &offset_s);
+  __syncthreads();
+  if (status_s != kOk) {
+    if (threadIdx.x == 0) a.status[idx] = status_s;
+    return;
+  }
+  const PageHeader h = h_s;
+  const uint8_t* payload = a.buf + offset_s + kHeaderBytes;
+  const uint32_t sum = block_reduce(checksum_words(payload, h.payload_len, kHeaderChecksumWords),
+                                    scratch, [](uint32_t x, uint32_t y) { return x + y; });
+  if (threadIdx.x == 0) status_s = check_payload(h, sum, Code, a.n);
+  __syncthreads();
+  if (status_s != kOk) {
+    if (threadIdx.x == 0) a.status[idx] = status_s;
+    return;
+  }
+  uint8_t* dst = a.dst + a.dst_ids[idx] * a.dst_stride_bytes;
+  if (h.flags & kFlagRaw) {
+    copy_page<T>(dst, payload, a.n);
+    if (threadIdx.x == 0) a.status[idx] = kOk;
+    return;
+  }
+
+  bool malformed = false;
+  for (uint32_t j = threadIdx.x; j < B; j += kThreads) {
+    const uint8_t wb = payload[j];
+    const int f = wb & 31, k = (wb >> 5) & 3;
+    malformed |= f > kMaxWidth || (wb & 0x80) || (k > 0 && h.mode != kOutlier);
+    widths[j] = wb;
+    words[j] = block_words(f);
+    outl[j] = k;
+  }
+  malformed = __syncthreads_or(malformed);
+  uint2 totals = make_uint2(0, 0);
+  if (!malformed) totals = block_exclusive_scan(words, outl, B, scan_scratch);
+  if (malformed || compressed_payload_len(B, totals.y, totals.x) != h.payload_len) {
+    if (threadIdx.x == 0) a.status[idx] = kMalformed;
+    return;
+  }
+
+  const uint8_t* outliers = payload + round_up(B, 4);
+  const uint32_t* planes = reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4));
+  const uint32_t cols = a.n / h.rows;
+  for (uint32_t j = warp; j < B; j += kWarps) {
+    const int f = widths[j] & 31;
+    const uint32_t w = (f > 0 && lane <= f) ? planes[words[j] + lane] : 0u;
+    uint32_t mag = 0;
+    for (int b = 0; b < f; ++b) mag |= ((__shfl_sync(kFull, w, b + 1) >> lane) & 1u) << b;
+    // Unsigned arithmetic: a forged stream with a valid checksum may overflow, never UB.
+    uint32_t q = ((__shfl_sync(kFull, w, 0) >> lane) & 1u) ? 0u - mag : mag;
+    if (h.mode == kOutlier && lane == 0) {
+      uint32_t z = 0;
+      for (int b = 0; b < ((widths[j] >> 5) & 3); ++b) z |= static_cast<uint32_t>(outliers[outl[j] + b]) << (8 * b);
+      q = static_cast<uint32_t>(unzigzag(z));
+    }
+    if (h.mode != kFixed) {
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t up = __shfl_up_sync(kFull, q, o);
+        if (lane >= o) q += up;
+      }
+    }
+    const uint32_t s = j * kBlockValues + lane;
+    if (s < a.n) {
+      page[memory_index(s, h.rows, cols)] =
+          C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q)), h.step));
+    }
+  }
+  __syncthreads();
+  copy_page<T>(dst, smem, a.n);
+  if (threadIdx.x == 0) a.status[idx] = kOk;
+}
+
+// Raises the kernel's dynamic shared-memory limit, or says why the page is too large.
+template <typename Kernel>
+void prepare_shared_memory(Kernel kernel, uint32_t bytes, uint32_t n, int elem_bytes) {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attrs;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
+  TORCH_CHECK_VALUE(bytes + attrs.sharedSizeBytes <= static_cast<size_t>(limit),
+                    "kvcompress: pages of ", n, " x ", elem_bytes, " bytes need ",
+                    bytes + attrs.sharedSizeBytes, " bytes of shared memory; this GPU allows ",
+                    limit, ". Use smaller pages (split each KV block into several pages).");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+}  // namespace
+
+void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb, bool relative,
+                   int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table) {
+  const c10::cuda::CUDAGuard guard(src.device());
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
+                    "kvcompress: out must start at a 16-byte aligned address");
+  const int64_t num = page_ids.numel();
+  const uint32_t n = static_cast<uint32_t>(src.size(1));
+  // Look-back flags, then the ticket counter, zeroed on the stream before the launch.
+  at::Tensor flags = at::zeros({num + 1}, src.options().dtype(at::kLong));
+  CompressArgs args;
+  args.src = static_cast<const uint8_t*>(src.data_ptr());
+  args.src_stride_bytes = src.stride(0) * src.element_size();
+  args.num_src_pages = src.size(0);
+  args.page_ids = page_ids.data_ptr<int64_t>();
+  args.out = out.data_ptr<uint8_t>();
+  args.table = page_table.data_ptr<int64_t>();
+  args.flags = reinterpret_cast<unsigned long long*>(flags.data_ptr<int64_t>());
+  args.ticket = reinterpret_cast<unsigned int*>(flags.data_ptr<int64_t>() + num);
+  args.n = n;
+  args.rows = static_cast<uint32_t>(rows);
+  args.eb = eb;
+  args.relative = relative;
+  args.mode = static_cast<uint8_t>(mode);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_kv_dtype(src.scalar_type(), [&](auto tag) {
+    constexpr uint8_t code = decltype(tag)::value;
+    const int elem = sizeof(typename CudaType<code>::type);
+    const uint32_t smem = shared_layout(n, elem).total();
+    prepare_shared_memory(compress_kernel<code>, smem, n, elem);
+    compress_kernel<code><<<static_cast<unsigned>(num), kThreads, smem, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,
+                     const at::Tensor& dst_page_ids, at::Tensor& status) {
+  const c10::cuda::CUDAGuard guard(dst.device());
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16 == 0,
+                    "kvcompress: buf must start at a 16-byte aligned address");
+  const uint32_t n = static_cast<uint32_t>(dst.size(1));
+  DecompressArgs args;
+  args.buf = buf.data_ptr<uint8_t>();
+  args.buf_size = buf.numel();
+  args.table = page_table.data_ptr<int64_t>();
+  args.table_cols = page_table.size(1);
+  args.dst = static_cast<uint8_t*>(dst.data_ptr());
+  args.dst_stride_bytes = dst.stride(0) * dst.element_size();
+  args.num_dst_pages = dst.size(0);
+  args.dst_ids = dst_page_ids.data_ptr<int64_t>();
+  args.status = status.data_ptr<int32_t>();
+  args.n = n;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_kv_dtype(dst.scalar_type(), [&](auto tag) {
+    constexpr uint8_t code = decltype(tag)::value;
+    const int elem = sizeof(typename CudaType<code>::type);
+    const uint32_t smem = shared_layout(n, elem).total();
+    prepare_shared_memory(decompress_kernel<code>, smem, n, elem);
+    decompress_kernel<code><<<static_cast<unsigned>(dst_page_ids.numel()), kThreads, smem, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace kvcompress

@@ -1,0 +1,128 @@
+// Registers the codec as torch custom ops (torch.ops.kvcompress.*) and validates
+// every argument before a kernel sees it, so bad input raises instead of reading
+// out of bounds. Fake kernels for torch.compile live in vllm_kvcompress/_custom_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "ops.h"
+
+namespace kvcompress {
+namespace {
+
+constexpr int64_t kMaxRows = 65535;
+
+void check_pages(const at::Tensor& pages, const char* name) {
+  TORCH_CHECK_VALUE(pages.dim() == 2, "kvcompress: ", name,
+                    " must be a 2-D (num_pages, elems_per_page) view, got shape ", pages.sizes());
+  dispatch_kv_dtype(pages.scalar_type(), [](auto) {});
+  TORCH_CHECK_VALUE(pages.size(1) >= 1 && pages.size(1) <= (int64_t{1} << 28), "kvcompress: ",
+                    name, " must have between 1 and 2^28 elements per page, got ", pages.size(1));
+  TORCH_CHECK_VALUE(pages.stride(1) == 1 && pages.stride(0) >= pages.size(1), "kvcompress: ",
+                    name, " pages must each be contiguous (strides (>= elems_per_page, 1)), got ",
+                    pages.strides());
+}
+
+void check_vector(const at::Tensor& t, at::ScalarType dtype, int64_t numel,
+                  const at::Tensor& like, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "kvcompress: ", name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "kvcompress: ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "kvcompress: ", name, " must have ", numel,
+                    " elements, got ", t.numel());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "kvcompress: ", name, " is on ", t.device(),
+                    " but the pages are on ", like.device());
+}
+
+int64_t record_bound(int64_t n, int64_t elem_bytes) {
+  return round_up(kHeaderBytes + round_up(n * elem_bytes, 4), kRecordAlign);
+}
+
+void check_compress(const at::Tensor& src, const at::Tensor& page_ids, double eb, int64_t mode,
+                    int64_t rows, const at::Tensor& out, const at::Tensor& page_table) {
+  check_pages(src, "src");
+  TORCH_CHECK_VALUE(page_ids.dim() == 1, "kvcompress: page_ids must be 1-D");
+  check_vector(page_ids, at::kLong, -1, src, "page_ids");
+  TORCH_CHECK_VALUE(std::isfinite(eb) && eb > 0.0, "kvcompress: the error bound must be finite and > 0, got ", eb);
+  TORCH_CHECK_VALUE(mode >= kFixed && mode <= kOutlier,
+                    "kvcompress: mode must be 0 (fixed), 1 (plain) or 2 (outlier), got ", mode);
+  TORCH_CHECK_VALUE(rows >= 1 && rows <= kMaxRows && src.size(1) % rows == 0,
+                    "kvcompress: rows must be in [1, 65535] and divide elems_per_page (",
+                    src.size(1), "), got ", rows);
+  const int64_t bound = page_ids.numel() * record_bound(src.size(1), src.element_size());
+  check_vector(out, at::kByte, -1, src, "out");
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.numel() >= bound, "kvcompress: out must be a 1-D uint8 "
+                    "buffer of at least compress_bound() = ", bound, " bytes, got ", out.numel());
+  TORCH_CHECK_VALUE(out.numel() < (int64_t{1} << 62), "kvcompress: out is too large");
+  check_vector(page_table, at::kLong, page_ids.numel() * 3, src, "page_table");
+  TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.size(1) == 3,
+                    "kvcompress: page_table must have shape (num_pages, 3)");
+}
+
+void check_decompress(const at::Tensor& buf, const at::Tensor& page_table, const at::Tensor& dst,
+                      const at::Tensor& dst_page_ids, const at::Tensor& status) {
+  check_pages(dst, "dst");
+  check_vector(buf, at::kByte, -1, dst, "buf");
+  TORCH_CHECK_VALUE(buf.dim() == 1, "kvcompress: buf must be 1-D");
+  TORCH_CHECK_VALUE(dst_page_ids.dim() == 1, "kvcompress: dst_page_ids must be 1-D");
+  check_vector(dst_page_ids, at::kLong, -1, dst, "dst_page_ids");
+  const int64_t num = dst_page_ids.numel();
+  TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.size(0) == num && page_table.size(1) >= 2,
+                    "kvcompress: page_table must have shape (", num, ", >= 2), got ",
+                    page_table.sizes());
+  check_vector(page_table, at::kLong, -1, dst, "page_table");
+  check_vector(status, at::kInt, num, dst, "status");
+}
+
+void compress(const at::Tensor& src, const at::Tensor& page_ids, double eb, bool relative,
+              int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table) {
+  check_compress(src, page_ids, eb, mode, rows, out, page_table);
+  if (page_ids.numel() == 0) return;
+#ifdef KVCOMPRESS_WITH_CUDA
+  if (src.is_cuda()) return compress_cuda(src, page_ids, eb, relative, mode, rows, out, page_table);
+#endif
+  TORCH_CHECK_VALUE(src.is_cpu(), "kvcompress: no kernels for device ", src.device());
+  compress_cpu(src, page_ids, eb, relative, mode, rows, out, page_table);
+}
+
+void decompress(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,
+                const at::Tensor& dst_page_ids, at::Tensor& status) {
+  check_decompress(buf, page_table, dst, dst_page_ids, status);
+  if (dst_page_ids.numel() == 0) return;
+#ifdef KVCOMPRESS_WITH_CUDA
+  if (dst.is_cuda()) return decompress_cuda(buf, page_table, dst, dst_page_ids, status);
+#endif
+  TORCH_CHECK_VALUE(dst.is_cpu(), "kvcompress: no kernels for device ", dst.device());
+  decompress_cpu(buf, page_table, dst, dst_page_ids, status);
+}
+
+}  // namespace
+}  // namespace kvcompress
+
+TORCH_LIBRARY(kvcompress, m) {
+  m.def(
+      "compress(Tensor src, Tensor page_ids, float eb, bool relative, int mode, int rows, "
+      "Tensor(a!) out, Tensor(b!) page_table) -> ()");
+  m.def(
+      "decompress(Tensor buf, Tensor page_table, Tensor(a!) dst, Tensor dst_page_ids, "
+      "Tensor(b!) status) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvcompress, CPU, m) {
+  m.impl("compress", &kvcompress::compress);
+  m.impl("decompress", &kvcompress::decompress);
+}
+
+#ifdef KVCOMPRESS_WITH_CUDA
+TORCH_LIBRARY_IMPL(kvcompress, CUDA, m) {
+  m.impl("compress", &kvcompress::compress);
+  m.impl("decompress", &kvcompress::decompress);
+}
+#endif
+
+// The ops register themselves when the library loads; Python only needs a module to import.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,45 @@
+"""Drives the CUDA codec through damaged input for compute-sanitizer memcheck.
+
+Not a pytest module: benchmarks/run_gpu_host.sh runs it under
+``compute-sanitizer --tool memcheck`` so that any out-of-bounds access in the
+kernels, on valid or corrupted streams, fails the run.
+"""
+
+import torch
+
+from vllm_kvcompress.codec import CodecConfig, CodecMode, CompressedPages, compress_pages, \
+    decompress_pages
+
+
+def main() -> None:
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for mode in CodecMode:
+            base = torch.randn(64, 1031, generator=g).cumsum(1).to(dtype).cuda()
+            for pages in (base[:, :1024], base[:, 1:1000]):
+                n = pages.shape[1]
+                ids = torch.arange(64, device="cuda")
+                ids[5] = 1000
+                c = compress_pages(pages, ids, CodecConfig(1e-2, True, mode, 8 if n == 1024 else 1))
+                dst = torch.empty(64, n, dtype=dtype, device="cuda")
+                decompress_pages(c, dst, torch.arange(64))
+                used = c.used_bytes()
+                for trial in range(20):
+                    buf = c.buffer.clone()
+                    flips = torch.randint(used, (8,), generator=g)
+                    buf[flips.cuda()] ^= torch.randint(1, 256, (8,), generator=g,
+                                                       dtype=torch.uint8).cuda()
+                    table = c.table.clone()
+                    table[trial % 64, 1] -= 16 * (trial % 3)
+                    table[(trial + 7) % 64, 0] = used - 32
+                    decompress_pages(CompressedPages(buf[:used], table), dst,
+                                     torch.arange(64))
+                # Garbage that is not a stream at all.
+                junk = torch.randint(0, 256, (used,), generator=g, dtype=torch.uint8).cuda()
+                decompress_pages(CompressedPages(junk, c.table), dst, torch.arange(64))
+    torch.cuda.synchronize()
+    print("memcheck driver finished")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The CUDA kernels against the CPU kernels: byte-identical streams, same decodes.
+
+Runs on the GPU host (benchmarks/run_gpu_host.sh); skipped where CUDA is absent.
+"""
+
+import pytest
+import torch
+
+from vllm_kvcompress.codec import (CodecConfig, CodecMode, CompressedPages, DecodeStatus,
+                                   compress_pages, decompress_pages)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def kv_like(num_pages: int, tokens: int, channels: int, dtype: torch.dtype,
+            seed: int) -> torch.Tensor:
+    """Pages smooth along tokens with per-channel scales and a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(channels, generator=g) * 2 + 0.1
+    scale[torch.randint(channels, (4,), generator=g)] *= 20
+    walk = torch.randn(num_pages, tokens, channels, generator=g).cumsum(1) * 0.1
+    base = torch.randn(num_pages, 1, channels, generator=g)
+    return ((base + walk) * scale).reshape(num_pages, -1).to(dtype)
+
+
+def adversarial(num_pages: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Constant, spiky, alternating, non-finite and white-noise pages."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_pages, n, generator=g) * 3
+    x[0] = 0
+    x[1] = 7.25
+    x[2, ::2], x[2, 1::2] = 1e3, -1e3
+    x[3, 17] = 5e4 if dtype != torch.float16 else 6e4
+    x[4, 5] = float("nan")
+    x[5, 9] = float("inf")
+    x[6] = torch.rand(n, generator=g) * 1e-3
+    return x.to(dtype)
+
+
+def both_devices(pages: torch.Tensor, ids: torch.Tensor,
+                 config: CodecConfig) -> tuple[CompressedPages, CompressedPages]:
+    cpu = compress_pages(pages, ids, config)
+    gpu = compress_pages(pages.cuda(), ids.cuda(), config)
+    torch.cuda.synchronize()
+    return cpu, gpu
+
+
+def assert_same_stream(cpu: CompressedPages, gpu: CompressedPages) -> None:
+    assert torch.equal(cpu.table, gpu.table.cpu())
+    used = cpu.used_bytes()
+    assert used == gpu.used_bytes()
+    assert torch.equal(cpu.buffer[:used], gpu.buffer[:used].cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("relative,eb", [(True, 1e-2), (True, 1e-3), (False, 0.05)])
+def test_byte_identical_to_cpu(dtype, mode, rows, relative, eb):
+    pages = torch.cat([kv_like(24, 16, 256, dtype, seed=1), adversarial(8, 16 * 256, dtype, 2)])
+    ids = torch.randperm(pages.shape[0], generator=torch.Generator().manual_seed(3))
+    cpu, gpu = both_devices(pages, ids, CodecConfig(eb, relative, mode, rows))
+    assert_same_stream(cpu, gpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 31, 33, 1000, 6144])
+def test_odd_page_sizes_and_unaligned_rows(dtype, n):
+    base = torch.randn(9, n + 3).to(dtype)
+    pages = base[:, 1:n + 1]  # rows not 16-byte aligned
+    ids = torch.tensor([8, 0, 3, 3, 5])
+    cpu, gpu = both_devices(pages, ids, CodecConfig(1e-2, True, CodecMode.OUTLIER, 1))
+    assert_same_stream(cpu, gpu)
+    dst = torch.full((5, n), -1.0, dtype=dtype, device="cuda")
+    status = decompress_pages(gpu, dst, torch.arange(5))
+    assert (status == DecodeStatus.OK).all()
+    dst_cpu = torch.full((5, n), -1.0, dtype=dtype)
+    decompress_pages(cpu, dst_cpu, torch.arange(5))
+    assert torch.equal(dst.cpu(), dst_cpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+def test_gpu_round_trip_within_bound(dtype, mode):
+    pages = kv_like(64, 16, 512, dtype, seed=4).cuda()
+    rel = 1e-2
+    compressed = compress_pages(pages, torch.arange(64), CodecConfig(rel, True, mode, 16))
+    dst = torch.empty_like(pages)
+    scatter = torch.randperm(64, device="cuda")
+    status = decompress_pages(compressed, dst, scatter)
+    assert (status == DecodeStatus.OK).all()
+    x = pages.double()
+    bound = rel * (x.amax(1) - x.amin(1))
+    err = (dst[scatter].double() - x).abs().amax(1)
+    assert (err <= bound).all()
+
+
+def test_gpu_detects_corruption_and_writes_nothing():
+    pages = kv_like(16, 16, 256, torch.bfloat16, seed=5).cuda()
+    compressed = compress_pages(pages, torch.arange(16), CodecConfig())
+    table = compressed.table.cpu()
+    buf = compressed.buffer.clone()
+    flipped = int(table[3, 0]) + 40
+    buf[flipped] ^= 0x10
+    table_bad = table.clone()
+    table_bad[5, 1] = 16  # truncated record
+    table_bad[6, 0] += 16  # misaligned into the middle of a record
+    damaged = CompressedPages(buf, table_bad.cuda())
+    sentinel = torch.full_like(pages, 3.0)
+    ids = torch.arange(16, device="cuda")
+    ids[7] = 99  # destination out of range
+    status = decompress_pages(damaged, sentinel, ids).cpu()
+    assert status[3] == DecodeStatus.BAD_CHECKSUM
+    assert status[5] == DecodeStatus.BAD_RECORD
+    assert status[6] in (DecodeStatus.BAD_MAGIC, DecodeStatus.BAD_RECORD)
+    assert status[7] == DecodeStatus.BAD_INDEX
+    for i in (3, 5, 6):
+        assert (sentinel[i] == 3.0).all()
+    ok = [i for i in range(16) if i not in (3, 5, 6, 7)]
+    assert (status[ok] == DecodeStatus.OK).all()
+
+
+def test_gpu_wrong_dtype_is_a_mismatch():
+    pages = kv_like(4, 16, 64, torch.float16, seed=6).cuda()
+    compressed = compress_pages(pages, torch.arange(4), CodecConfig())
+    dst = torch.zeros(4, pages.shape[1], dtype=torch.bfloat16, device="cuda")
+    status = decompress_pages(compressed, dst, torch.arange(4))
+    assert (status.cpu() == DecodeStatus.MISMATCH).all()
+    assert (dst == 0).all()
+
+
+def test_gpu_bad_source_index_stores_nothing():
+    pages = kv_like(4, 16, 64, torch.float32, seed=7)
+    ids = torch.tensor([0, 4, -1, 2])
+    cpu, gpu = both_devices(pages, ids, CodecConfig())
+    assert_same_stream(cpu, gpu)
+    assert gpu.table[1, 1].item() == 0 and gpu.table[1, 2].item() == 4
+
+
+def test_runs_on_the_current_stream():
+    pages = kv_like(32, 16, 256, torch.bfloat16, seed=8).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        compressed = compress_pages(pages, torch.arange(32, device="cuda"), CodecConfig())
+        dst = torch.empty_like(pages)
+        status = decompress_pages(compressed, dst, torch.arange(32, device="cuda"))
+    side.synchronize()
+    assert (status == DecodeStatus.OK).all()
+
+
+def test_compiles_under_torch_compile():
+    pages = kv_like(8, 16, 64, torch.bfloat16, seed=9).cuda()
+    ids = torch.arange(8, device="cuda")
+    out = torch.empty(8 * 4096, dtype=torch.uint8, device="cuda")
+    table = torch.empty(8, 3, dtype=torch.int64, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def store(p, i, o, t):
+        torch.ops.kvcompress.compress(p, i, 1e-2, True, 1, 16, o, t)
+        return t[:, 1].sum()
+
+    total = store(pages, ids, out, table)
+    reference = compress_pages(pages, ids, CodecConfig(1e-2, True, CodecMode.PLAIN, 16))
+    assert total.item() == reference.table[:, 1].sum().item()

@@ -1,0 +1,39 @@
+"""Loads the compiled ops (torch.ops.kvcompress.*) and gives them fake kernels.
+
+The ops only write into tensors the caller allocated, so their fake (meta)
+implementations have nothing to compute; registering them lets the ops appear
+inside torch.compile'd graphs.
+"""
+
+import torch
+
+import vllm_kvcompress._C  # noqa: F401  (registers torch.ops.kvcompress)
+
+
+@torch.library.register_fake("kvcompress::compress")
+def _compress_fake(
+    src: torch.Tensor,
+    page_ids: torch.Tensor,
+    eb: float,
+    relative: bool,
+    mode: int,
+    rows: int,
+    out: torch.Tensor,
+    page_table: torch.Tensor,
+) -> None:
+    return None
+
+
+@torch.library.register_fake("kvcompress::decompress")
+def _decompress_fake(
+    buf: torch.Tensor,
+    page_table: torch.Tensor,
+    dst: torch.Tensor,
+    dst_page_ids: torch.Tensor,
+    status: torch.Tensor,
+) -> None:
+    return None
+
+
+compress = torch.ops.kvcompress.compress
+decompress = torch.ops.kvcompress.decompress
