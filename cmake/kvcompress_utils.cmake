@@ -34,12 +34,14 @@ function(kvcompress_want_cuda out)
   endif()
 endfunction()
 
+set(KVCOMPRESS_DEFAULT_ARCHS "8.0 8.9 9.0 10.0+PTX")
+
 # TORCH_CUDA_ARCH_LIST entries look like "9.0", "9.0a" or "10.0+PTX", separated by
 # spaces or semicolons. The default covers Ampere, Ada, Hopper and Blackwell.
 function(kvcompress_cuda_arch_flags out)
   set(archs "$ENV{TORCH_CUDA_ARCH_LIST}")
   if(archs STREQUAL "")
-    set(archs "8.0 8.9 9.0 10.0+PTX")
+    set(archs "${KVCOMPRESS_DEFAULT_ARCHS}")
   endif()
   string(REPLACE " " ";" archs "${archs}")
   set(flags "")
@@ -62,7 +64,11 @@ endfunction()
 
 # torch's CMake package (a CUDA build) looks for the toolkit with FindCUDA and for
 # NVRTC, which a pip-installed toolkit may lack; torch's own wheels carry NVRTC.
+# It also probes GPUs for an arch list unless TORCH_CUDA_ARCH_LIST is set.
 function(kvcompress_prepare_torch_cuda python)
+  if("$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
+    set(ENV{TORCH_CUDA_ARCH_LIST} "${KVCOMPRESS_DEFAULT_ARCHS}")
+  endif()
   if(DEFINED ENV{CUDA_HOME})
     set(CUDA_TOOLKIT_ROOT_DIR "$ENV{CUDA_HOME}" CACHE PATH "CUDA toolkit")
   endif()
@@ -72,3 +78,10 @@ function(kvcompress_prepare_torch_cuda python)
   find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
     HINTS "$ENV{CUDA_HOME}/lib64" "$ENV{CUDA_HOME}/lib" ${wheel_libs})
 endfunction()
+
+# torch's CMake package appends gencode flags for TORCH_CUDA_ARCH_LIST (or for
+# whatever it detects) to CMAKE_CUDA_FLAGS; ours come from kvcompress_cuda_arch_flags.
+macro(kvcompress_drop_torch_gencode_flags)
+  string(REGEX REPLACE "-gencode[ =]arch=compute_[0-9a-z]+,code=[a-z]+_[0-9a-z]+" ""
+         CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
+endmacro()

@@ -47,6 +47,7 @@ enum DecodeStatus : int32_t {
 constexpr uint8_t kFlagRaw = 1u;
 constexpr int kFlagReasonShift = 1;
 constexpr uint8_t kFlagRelative = 1u << 3;
+constexpr uint8_t kFlagReservedMask = 0xF0u;
 
 struct PageHeader {
   uint32_t magic;

@@ -94,13 +94,13 @@ int64_t encode_page(const T* page, uint32_t n, uint8_t mode, double eb_req, bool
   for (uint32_t s = 0; s < n && reason == 0; ++s) {
     const float x = static_cast<float>(page[memory_index(s, rows, cols)]);
     const float p = mul_rn(x, pq.inv);
-    if (std::fabs(p) > kMaxQuant) {
+    if (!(std::fabs(p) <= kMaxQuant)) {
       reason = kRawBoundUnattainable;
       break;
     }
     q[s] = static_cast<int32_t>(std::nearbyint(p));
     const float y = reconstruct<T>(q[s], pq.step);
-    if (std::fabs(static_cast<double>(x) - static_cast<double>(y)) > static_cast<double>(pq.eb)) {
+    if (!(std::fabs(static_cast<double>(x) - static_cast<double>(y)) <= static_cast<double>(pq.eb))) {
       reason = kRawBoundUnattainable;
     }
   }
@@ -183,6 +183,7 @@ int32_t decode_record(const uint8_t* buf, int64_t buf_size, int64_t offset, int6
   const uint8_t* payload = rec + kHeaderBytes;
   if (record_checksum(h, payload) != h.checksum) return kBadChecksum;
   if (h.dtype != DtypeTraits<T>::code || h.n != n) return kMismatch;
+  if ((h.flags & kFlagReservedMask) || h.reserved != 0) return kMalformed;
 
   if (h.flags & kFlagRaw) {
     if (h.payload_len != raw_payload_len(n, h.dtype)) return kMalformed;

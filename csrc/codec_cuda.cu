@@ -207,12 +207,12 @@ __device__ LaneCode code_lane(const typename CudaType<Code>::type* page, uint32_
   if (valid) {
     const float x = C::to_f32(page[memory_index(s, rows, n / rows)]);
     const float p = mul_rn(x, pq.inv);
-    if (fabsf(p) > kMaxQuant) {
+    if (!(fabsf(p) <= kMaxQuant)) {
       c.bad = true;
     } else {
       c.q = __float2int_rn(p);
       const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(c.q), pq.step)));
-      c.bad = fabs(static_cast<double>(x) - static_cast<double>(y)) > static_cast<double>(pq.eb);
+      c.bad = !(fabs(static_cast<double>(x) - static_cast<double>(y)) <= static_cast<double>(pq.eb));
     }
   }
   const int32_t prev = __shfl_up_sync(kFull, c.q, 1);
@@ -483,6 +483,7 @@ __device__ int32_t check_payload(const PageHeader& h, uint32_t sum, uint8_t code
     return kBadChecksum;
   }
   if (h.dtype != code || h.n != n) return kMismatch;
+  if ((h.flags & kFlagReservedMask) || h.reserved != 0) return kMalformed;
   if (h.flags & kFlagRaw) return h.payload_len == raw_payload_len(n, code) ? kOk : kMalformed;
   const uint32_t num_blocks = (n + kBlockValues - 1) / kBlockValues;
   if (h.mode > kOutlier || h.rows == 0 || n % h.rows != 0 || !isfinite(h.step) ||

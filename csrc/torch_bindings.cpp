@@ -102,7 +102,7 @@ void decompress(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor&
 
 TORCH_LIBRARY(kvcompress, m) {
   m.def(
-      "compress(Tensor src, Tensor page_ids, float eb, bool relative, int mode, int rows, "
+      "compress(Tensor src, Tensor page_ids, float eb, bool relative, int codec_mode, int rows, "
       "Tensor(a!) out, Tensor(b!) page_table) -> ()");
   m.def(
       "decompress(Tensor buf, Tensor page_table, Tensor(a!) dst, Tensor dst_page_ids, "

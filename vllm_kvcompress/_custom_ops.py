@@ -16,7 +16,7 @@ def _compress_fake(
     page_ids: torch.Tensor,
     eb: float,
     relative: bool,
-    mode: int,
+    codec_mode: int,
     rows: int,
     out: torch.Tensor,
     page_table: torch.Tensor,

@@ -46,7 +46,6 @@ _HEADROOM = {"fp16": (2.0**-11, 2.0**-25), "bf16": (2.0**-8, 0.0), "fp32": (2.0*
 _HEADER = struct.Struct("<IBBBBIHHffII")
 _MASK32 = 0xFFFFFFFF
 _LANES = np.arange(BLOCK, dtype=np.uint64)
-_LANE_BITS = np.uint64(1) << _LANES
 _PLANE_SLOTS = np.arange(MAX_WIDTH + 1)  # slot 0: sign word, slot 1 + b: magnitude bit b
 
 
@@ -77,7 +76,8 @@ def page_to_f32(page: np.ndarray, dtype: str) -> np.ndarray:
     """Return a page's values as float32, exactly (the spec's `x_s`)."""
     if dtype == "bf16":
         return f32_from_bf16_bits(page)
-    return np.asarray(page).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # signalling NaNs are merely detected later
+        return np.asarray(page).astype(np.float32)
 
 
 def f32_to_dtype(y: np.ndarray, dtype: str) -> np.ndarray:
@@ -404,19 +404,20 @@ def encode_batch(pages: np.ndarray, page_ids: list[int], dtype: str, mode: str, 
 
 
 def _header_malformed(h: dict, n: int) -> bool:
-    """MALFORMED checks on the header: reserved bits, mode value, rows, step.
+    """MALFORMED checks on the header: reserved bits, and for compressed pages rows,
+    the mode value and step.
 
-    An unknown mode value counts as malformed, since no decoding is defined for it
-    (the specification's list does not name this case). The step check applies to
-    compressed pages only: a raw page's step is 0 by definition.
+    Reserved bits are flags bits 4-7 and the reserved u16. The step check applies to
+    compressed pages only, a raw page's step being 0 by definition. An unknown mode
+    value (not in the specification's list) is malformed for a compressed page, which
+    has no decoding for it; a raw page's decoding does not depend on its mode.
     """
     if h["flags"] & FLAG_RESERVED or h["reserved"] != 0:
         return True
-    if h["mode"] not in MODES.values():
-        return True
-    if h["rows"] == 0 or n % h["rows"] != 0:
-        return True
-    return not h["raw"] and not (np.isfinite(h["step"]) and h["step"] > 0)
+    if h["raw"]:
+        return False
+    return (h["rows"] == 0 or n % h["rows"] != 0 or h["mode"] not in MODES.values()
+            or not (np.isfinite(h["step"]) and h["step"] > 0))
 
 
 def _split_sections(payload: bytes, mode: int,
@@ -499,14 +500,15 @@ def decode_record(buf: bytes, offset: int, nbytes: int, dtype: str,
     first failure; BAD_INDEX (1) is the caller's check and never returned here.
     Never raises on any bytes.
     """
-    if offset < 0 or nbytes < HEADER_BYTES or offset + nbytes > len(buf):
+    if (offset < 0 or nbytes < HEADER_BYTES or offset % RECORD_ALIGN != 0
+            or offset + nbytes > len(buf)):
         return BAD_RECORD, None
     record = bytes(buf[offset:offset + nbytes])
     h = parse_header(record)
-    if HEADER_BYTES + h["payload_len"] > nbytes:
-        return BAD_RECORD, None
     if h["magic"] != MAGIC or h["version"] != VERSION:
         return BAD_MAGIC, None
+    if h["payload_len"] % 4 != 0 or HEADER_BYTES + h["payload_len"] > nbytes:
+        return BAD_RECORD, None
     payload = record[HEADER_BYTES:HEADER_BYTES + h["payload_len"]]
     if checksum(record[:HEADER_BYTES - 4], payload) != h["checksum"]:
         return BAD_CHECKSUM, None
@@ -514,7 +516,8 @@ def decode_record(buf: bytes, offset: int, nbytes: int, dtype: str,
         return MISMATCH, None
     if _header_malformed(h, n):
         return MALFORMED, None
-    decode = _decode_raw(payload, dtype, n) if h["raw"] else _decode_compressed(h, payload, dtype, n)
-    if decode is None:
-        return MALFORMED, None
-    return OK, decode
+    if h["raw"]:
+        page = _decode_raw(payload, dtype, n)
+    else:
+        page = _decode_compressed(h, payload, dtype, n)
+    return (MALFORMED, None) if page is None else (OK, page)
