@@ -1,0 +1,1 @@
+"""Tests for the host arena allocator and the block-metadata table."""

@@ -1,0 +1,1 @@
+"""Host-side bookkeeping for compressed KV offloading: arena allocation and block metadata."""
