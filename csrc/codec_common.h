@@ -20,7 +20,6 @@ constexpr int kHeaderChecksumWords = 7;
 constexpr int kRecordAlign = 16;
 constexpr int kBlockValues = 32;
 constexpr int kMaxWidth = 24;
-constexpr int kMaxOutlierBytes = 3;
 constexpr float kMaxQuant = 4194304.0f;  // 2^22
 
 enum DtypeCode : uint8_t { kFp16 = 1, kBf16 = 2, kFp32 = 3 };
