@@ -210,8 +210,8 @@ int32_t decode_record(const uint8_t* buf, int64_t buf_size, int64_t offset, int6
 
   const uint8_t* outliers = payload + round_up(num_blocks, 4);
   const uint8_t* planes = outliers + round_up(outlier_bytes, 4);
+  // Every check has passed: decoding cannot fail from here, so write in place.
   const uint32_t cols = n / h.rows;
-  std::vector<T> out(n);
   for (uint32_t j = 0; j < num_blocks; ++j) {
     const int f = payload[j] & 31, k = (payload[j] >> 5) & 3;
     uint32_t words[kMaxWidth + 1] = {0};
@@ -235,12 +235,11 @@ int32_t decode_record(const uint8_t* buf, int64_t buf_size, int64_t offset, int6
       }
       const uint32_t s = j * kBlockValues + i;
       if (s < n) {
-        out[memory_index(s, h.rows, cols)] =
+        dst[memory_index(s, h.rows, cols)] =
             static_cast<T>(mul_rn(static_cast<float>(static_cast<int32_t>(q)), h.step));
       }
     }
   }
-  std::memcpy(dst, out.data(), n * sizeof(T));
   return kOk;
 }
 

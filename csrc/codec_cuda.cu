@@ -68,8 +68,8 @@ __host__ __device__ SharedLayout shared_layout(uint32_t n, int elem_bytes) {
   return SharedLayout{round_up(n * elem_bytes, 16), (n + kBlockValues - 1) / kBlockValues};
 }
 
-template <typename Op>
-__device__ uint32_t block_reduce(uint32_t v, uint32_t* scratch, Op op) {
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* scratch, Op op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
   __syncthreads();
@@ -77,20 +77,6 @@ __device__ uint32_t block_reduce(uint32_t v, uint32_t* scratch, Op op) {
   __syncthreads();
   v = scratch[0];
   for (int w = 1; w < kWarps; ++w) v = op(v, scratch[w]);
-  return v;
-}
-
-__device__ float block_reduce_f(float v, float* scratch, bool take_max) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(kFull, v, o);
-    v = take_max ? fmaxf(v, other) : fminf(v, other);
-  }
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = scratch[0];
-  for (int w = 1; w < kWarps; ++w) v = take_max ? fmaxf(v, scratch[w]) : fminf(v, scratch[w]);
   return v;
 }
 
@@ -321,8 +307,9 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   }
   // A raw page's payload is padded to whole words with zeros.
   if (threadIdx.x < L.page_bytes - page_bytes) smem[page_bytes + threadIdx.x] = 0;
-  mx = block_reduce_f(mx, reinterpret_cast<float*>(scratch), true);
-  mn = block_reduce_f(mn, reinterpret_cast<float*>(scratch), false);
+  float* fscratch = reinterpret_cast<float*>(scratch);
+  mx = block_reduce(mx, fscratch, [](float x, float y) { return fmaxf(x, y); });
+  mn = block_reduce(mn, fscratch, [](float x, float y) { return fminf(x, y); });
   nonfinite = __syncthreads_or(nonfinite);
   if (threadIdx.x == 0) pq_s = choose_quant(Code, a.relative, a.eb, mx, mn, nonfinite);
   __syncthreads();

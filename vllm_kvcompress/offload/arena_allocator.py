@@ -123,7 +123,6 @@ class ArenaAllocator:
         self._free_by_start: dict[int, int] = {}  # start -> size
         self._free_by_end: dict[int, int] = {}  # end -> start
         self._allocs: dict[int, tuple[int, int]] = {}  # offset -> (reserved, requested)
-        self._free_bytes = 0
         self._allocated_bytes = 0
         self._requested_bytes = 0
         self._insert_free(0, capacity)
@@ -148,8 +147,8 @@ class ArenaAllocator:
 
     @property
     def free_bytes(self) -> int:
-        """Bytes in free ranges; always ``capacity - allocated_bytes``."""
-        return self._free_bytes
+        """Bytes in free ranges: every byte is either free or reserved."""
+        return self._capacity - self._allocated_bytes
 
     @property
     def num_allocations(self) -> int:
@@ -175,21 +174,19 @@ class ArenaAllocator:
     def fragmentation(self) -> float:
         """``1 - largest_free_block / free_bytes``: 0 when all free space is one range
         (or nothing is free), approaching 1 when free space is scattered in small holes."""
-        if self._free_bytes == 0:
-            return 0.0
-        return 1.0 - self.largest_free_block / self._free_bytes
+        free = self.free_bytes
+        return 0.0 if free == 0 else 1.0 - self.largest_free_block / free
 
     def stats(self) -> ArenaStats:
-        largest = self.largest_free_block
         return ArenaStats(
             capacity=self._capacity,
             allocated_bytes=self._allocated_bytes,
             requested_bytes=self._requested_bytes,
-            free_bytes=self._free_bytes,
-            largest_free_block=largest,
+            free_bytes=self.free_bytes,
+            largest_free_block=self.largest_free_block,
             num_allocations=len(self._allocs),
             num_free_ranges=len(self._free_by_start),
-            fragmentation=0.0 if self._free_bytes == 0 else 1.0 - largest / self._free_bytes,
+            fragmentation=self.fragmentation(),
         )
 
     # ------------------------------------------------------------------ operations
@@ -345,7 +342,6 @@ class ArenaAllocator:
         self._fl_bitmap |= 1 << fl
         self._free_by_start[start] = size
         self._free_by_end[start + size] = start
-        self._free_bytes += size
 
     def _unlink_free(self, start: int, size: int, fl: int, sl: int) -> None:
         """Drop a range (already removed from its class dict) from the other indexes."""
@@ -355,7 +351,6 @@ class ArenaAllocator:
                 self._fl_bitmap &= ~(1 << fl)
         del self._free_by_start[start]
         del self._free_by_end[start + size]
-        self._free_bytes -= size
 
     def _remove_free(self, start: int, size: int) -> None:
         fl, sl = _mapping(size >> _ALIGN_LOG2)
@@ -429,6 +424,6 @@ class ArenaAllocator:
 
     def __repr__(self) -> str:
         return (f"ArenaAllocator(capacity={self._capacity}, allocated={self._allocated_bytes}, "
-                f"free={self._free_bytes}, allocations={len(self._allocs)}, "
+                f"free={self.free_bytes}, allocations={len(self._allocs)}, "
                 f"free_ranges={len(self._free_by_start)})")
 
