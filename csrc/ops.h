@@ -32,7 +32,26 @@ void compress_cpu(const at::Tensor& src, const at::Tensor& page_ids, double eb, 
 void decompress_cpu(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,
                     const at::Tensor& dst_page_ids, at::Tensor& status);
 
+// Per-segment outcome of copy_segments.
+constexpr int32_t kSegmentOk = 0;
+constexpr int32_t kSegmentOutOfBounds = 1;
+
+// A segment is copied only when it lies inside both buffers; the checks are
+// written so that no addition can overflow whatever the offsets hold.
+KVZ_HD bool segment_in_bounds(int64_t src_off, int64_t dst_off, int64_t n, int64_t src_len,
+                              int64_t dst_len) {
+  return n >= 0 && src_off >= 0 && dst_off >= 0 && src_off <= src_len && dst_off <= dst_len &&
+         n <= src_len - src_off && n <= dst_len - dst_off;
+}
+
+void copy_segments_cpu(const at::Tensor& src, const at::Tensor& src_offsets, at::Tensor& dst,
+                       const at::Tensor& dst_offsets, const at::Tensor& sizes,
+                       at::Tensor& status);
+
 #ifdef KVCOMPRESS_WITH_CUDA
+void copy_segments_cuda(const at::Tensor& src, const at::Tensor& src_offsets, at::Tensor& dst,
+                        const at::Tensor& dst_offsets, const at::Tensor& sizes,
+                        at::Tensor& status);
 void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb, bool relative,
                    int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table);
 void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,

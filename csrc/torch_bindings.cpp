@@ -97,6 +97,39 @@ void decompress(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor&
   decompress_cpu(buf, page_table, dst, dst_page_ids, status);
 }
 
+// The index tensors choose the device that runs the copy; a buffer on the other side
+// must then be pinned host memory, which the GPU reaches through its mapping.
+void check_copy_segments(const at::Tensor& src, const at::Tensor& src_offsets,
+                         const at::Tensor& dst, const at::Tensor& dst_offsets,
+                         const at::Tensor& sizes, const at::Tensor& status) {
+  for (const auto& [t, name] : {std::pair{&src, "src"}, std::pair{&dst, "dst"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kByte, "kvcompress: ", name,
+                     " must be uint8, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->is_contiguous(), "kvcompress: ", name,
+                      " must be a contiguous 1-D buffer");
+    TORCH_CHECK_VALUE(t->device() == sizes.device() || (sizes.is_cuda() && t->is_pinned()),
+                      "kvcompress: ", name, " is on ", t->device(), " but the copy runs on ",
+                      sizes.device(), "; a host buffer must be pinned for a GPU copy");
+  }
+  TORCH_CHECK_VALUE(sizes.dim() == 1, "kvcompress: sizes must be 1-D");
+  check_vector(sizes, at::kLong, -1, sizes, "sizes");
+  check_vector(src_offsets, at::kLong, sizes.numel(), sizes, "src_offsets");
+  check_vector(dst_offsets, at::kLong, sizes.numel(), sizes, "dst_offsets");
+  check_vector(status, at::kInt, sizes.numel(), sizes, "status");
+  TORCH_CHECK_VALUE(sizes.numel() < (int64_t{1} << 31), "kvcompress: too many segments");
+}
+
+void copy_segments(const at::Tensor& src, const at::Tensor& src_offsets, at::Tensor& dst,
+                   const at::Tensor& dst_offsets, const at::Tensor& sizes, at::Tensor& status) {
+  check_copy_segments(src, src_offsets, dst, dst_offsets, sizes, status);
+  if (sizes.numel() == 0) return;
+#ifdef KVCOMPRESS_WITH_CUDA
+  if (sizes.is_cuda()) return copy_segments_cuda(src, src_offsets, dst, dst_offsets, sizes, status);
+#endif
+  TORCH_CHECK_VALUE(sizes.is_cpu(), "kvcompress: no kernels for device ", sizes.device());
+  copy_segments_cpu(src, src_offsets, dst, dst_offsets, sizes, status);
+}
+
 }  // namespace
 }  // namespace kvcompress
 
@@ -107,17 +140,22 @@ TORCH_LIBRARY(kvcompress, m) {
   m.def(
       "decompress(Tensor buf, Tensor page_table, Tensor(a!) dst, Tensor dst_page_ids, "
       "Tensor(b!) status) -> ()");
+  m.def(
+      "copy_segments(Tensor src, Tensor src_offsets, Tensor(a!) dst, Tensor dst_offsets, "
+      "Tensor sizes, Tensor(b!) status) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvcompress, CPU, m) {
   m.impl("compress", &kvcompress::compress);
   m.impl("decompress", &kvcompress::decompress);
+  m.impl("copy_segments", &kvcompress::copy_segments);
 }
 
 #ifdef KVCOMPRESS_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvcompress, CUDA, m) {
   m.impl("compress", &kvcompress::compress);
   m.impl("decompress", &kvcompress::decompress);
+  m.impl("copy_segments", &kvcompress::copy_segments);
 }
 #endif
 

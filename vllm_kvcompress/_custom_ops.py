@@ -35,5 +35,18 @@ def _decompress_fake(
     return None
 
 
+@torch.library.register_fake("kvcompress::copy_segments")
+def _copy_segments_fake(
+    src: torch.Tensor,
+    src_offsets: torch.Tensor,
+    dst: torch.Tensor,
+    dst_offsets: torch.Tensor,
+    sizes: torch.Tensor,
+    status: torch.Tensor,
+) -> None:
+    return None
+
+
 compress = torch.ops.kvcompress.compress
 decompress = torch.ops.kvcompress.decompress
+copy_segments = torch.ops.kvcompress.copy_segments

@@ -1,0 +1,198 @@
+"""The worker's store and load paths on CPU tensors (the same code runs on CUDA
+streams on the GPU host): round trips within the bound, exact raw fallback,
+and damaged blocks reported as load errors instead of being written back."""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCacheRef,
+    CanonicalKVCaches,
+    CanonicalKVCacheTensor,
+    GPULoadStoreSpec,
+)
+from vllm_kvcompress.codec import CodecConfig, CodecMode
+from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
+from vllm_kvcompress.offload.worker import CompressedOffloadingWorker, make_page_layout
+
+BLOCK, HEADS, DIM, LAYERS, NUM_BLOCKS = 16, 2, 32, 3, 10
+PAGE_ELEMS = BLOCK * HEADS * DIM
+
+
+def make_kv(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """One (num_blocks, 2, heads, block, dim) cache per layer, smooth along tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    caches = []
+    for _ in range(LAYERS):
+        base = torch.randn(NUM_BLOCKS, 2, HEADS, 1, DIM, generator=gen)
+        drift = 0.05 * torch.randn(NUM_BLOCKS, 2, HEADS, BLOCK, DIM, generator=gen).cumsum(3)
+        caches.append((base + drift).to(dtype) if dtype.is_floating_point
+                      else torch.randint(0, 255, (NUM_BLOCKS, 2, HEADS, BLOCK, DIM),
+                                         generator=gen, dtype=dtype))
+    return caches
+
+
+def canonical(caches: list[torch.Tensor]) -> CanonicalKVCaches:
+    page = caches[0][0].numel() * caches[0].element_size()
+    tensors = [CanonicalKVCacheTensor(c.view(torch.int8).view(NUM_BLOCKS, page), page)
+               for c in caches]
+    refs = [[CanonicalKVCacheRef(i, page) for i in range(len(caches))]]
+    return CanonicalKVCaches(tensors=tensors, group_data_refs=refs)
+
+
+def make_worker(caches: list[torch.Tensor], codec: CodecConfig = CodecConfig(),
+                arena_bytes: int = 1 << 22, staging_bytes: int = 1 << 20,
+                ) -> CompressedOffloadingWorker:
+    return CompressedOffloadingWorker(canonical(caches), caches[0].dtype, PAGE_ELEMS, codec,
+                                      arena_bytes, staging_bytes=staging_bytes)
+
+
+def store(worker: CompressedOffloadingWorker, job_id: int, blocks: list[int],
+          offsets: list[int]) -> dict[int, tuple[int, int, int]]:
+    src = GPULoadStoreSpec(blocks, group_sizes=[len(blocks)], block_indices=[0])
+    dst = ArenaLoadStoreSpec(offsets, [worker.reserve_bytes(0)] * len(offsets))
+    assert worker.submit_store(job_id, src, dst)
+    results = worker.get_finished()
+    assert [r.job_id for r in results] == [job_id] and results[0].success
+    return worker.store_reports.pop(job_id)
+
+
+def load(worker: CompressedOffloadingWorker, job_id: int, offsets: list[int],
+         blocks: list[int]) -> set[int]:
+    src = ArenaLoadStoreSpec(offsets, [worker.reserve_bytes(0)] * len(offsets))
+    dst = GPULoadStoreSpec(blocks, group_sizes=[len(blocks)], block_indices=[0])
+    assert worker.submit_load(job_id, src, dst)
+    assert [r.job_id for r in worker.get_finished()] == [job_id]
+    errors, worker.failed_load_block_ids = worker.failed_load_block_ids, set()
+    return errors
+
+
+def reserve_offsets(worker: CompressedOffloadingWorker, n: int) -> list[int]:
+    return [i * worker.reserve_bytes(0) for i in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", list(CodecMode))
+def test_round_trip_within_bound(dtype: torch.dtype, mode: CodecMode) -> None:
+    caches = make_kv(dtype)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches, CodecConfig(1e-2, True, mode))
+    offsets = reserve_offsets(worker, 3)
+    reports = store(worker, 0, [1, 4, 7], offsets)
+    raw = sum(c[0].numel() * c.element_size() for c in caches)
+    assert all(0 < reports[o][0] < raw for o in offsets), "blocks should shrink"
+    for c in caches:
+        c.zero_()
+    assert load(worker, 1, offsets, [2, 5, 8]) == set()
+    for layer, (c, o) in enumerate(zip(caches, original)):
+        for src, dst in zip([1, 4, 7], [2, 5, 8]):
+            for kv in range(2):
+                x, y = o[src, kv].double(), c[dst, kv].double()
+                bound = 1e-2 * (x.max() - x.min()).item()
+                assert (y - x).abs().max().item() <= bound, (layer, src, kv)
+        untouched = [b for b in range(NUM_BLOCKS) if b not in (2, 5, 8)]
+        assert (c[untouched] == 0).all()
+
+
+def test_one_page_per_layer_k_and_v() -> None:
+    caches = make_kv(torch.bfloat16)
+    worker = make_worker(caches)
+    assert all(layout.pages_per_block == 2 for layout in worker.layouts)
+    assert worker.layouts[0].pages.shape == (NUM_BLOCKS * 2, PAGE_ELEMS)
+
+
+def test_large_jobs_run_in_chunks_through_small_staging() -> None:
+    caches = make_kv(torch.float16)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches, staging_bytes=worker_block_bytes(caches))
+    blocks = list(range(NUM_BLOCKS))
+    offsets = reserve_offsets(worker, NUM_BLOCKS)
+    store(worker, 0, blocks, offsets)
+    for c in caches:
+        c.zero_()
+    assert load(worker, 1, offsets, blocks) == set()
+    for c, o in zip(caches, original):
+        assert torch.allclose(c.float(), o.float(), atol=0.1)
+
+
+def worker_block_bytes(caches: list[torch.Tensor]) -> int:
+    return make_worker(caches).reserve_bytes(0)
+
+
+def test_unsupported_dtype_is_copied_raw_and_exact() -> None:
+    caches = make_kv(torch.uint8)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches)
+    assert not worker.compressible
+    offsets = reserve_offsets(worker, 2)
+    reports = store(worker, 0, [3, 9], offsets)
+    assert all(r[1] == LAYERS for r in reports.values()), "each raw page is counted"
+    for c in caches:
+        c.zero_()
+    assert load(worker, 1, offsets, [0, 3]) == set()
+    for c, o in zip(caches, original):
+        assert torch.equal(c[0], o[3]) and torch.equal(c[3], o[9])
+
+
+def test_non_finite_pages_are_stored_raw_and_restored_exactly() -> None:
+    caches = make_kv(torch.bfloat16)
+    caches[1][2, 0, 0, 3, 5] = float("nan")
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches)
+    offsets = reserve_offsets(worker, 1)
+    reports = store(worker, 0, [2], offsets)
+    assert reports[offsets[0]][1] == 1, "exactly the NaN page is stored raw"
+    for c in caches:
+        c.zero_()
+    assert load(worker, 1, offsets, [2]) == set()
+    assert torch.equal(caches[1][2, 0].view(torch.int16), original[1][2, 0].view(torch.int16))
+
+
+@pytest.mark.parametrize("where", ["header", "payload", "last_byte"])
+def test_damaged_block_is_a_load_error_not_wrong_kv(where: str) -> None:
+    caches = make_kv(torch.bfloat16)
+    worker = make_worker(caches)
+    offsets = reserve_offsets(worker, 3)
+    reports = store(worker, 0, [0, 1, 2], offsets)
+    victim = offsets[1]
+    nbytes = reports[victim][0]
+    pos = {"header": victim + 8, "payload": victim + nbytes // 2,
+           "last_byte": victim + nbytes - 1}[where]
+    if where == "last_byte":
+        # the tail may be record padding, which no check covers; damage payload there
+        pos = victim + nbytes - 17
+    worker.arena[pos] ^= 0x5A
+    for c in caches:
+        c.fill_(7.0)
+    assert load(worker, 1, offsets, [5, 6, 7]) == {6}
+    assert worker.failed_loads == {1: [victim]}
+    for c in caches:
+        assert (c[5] != 7.0).any() and (c[7] != 7.0).any()
+
+
+def test_unknown_offset_is_a_load_error() -> None:
+    caches = make_kv(torch.bfloat16)
+    worker = make_worker(caches)
+    offsets = reserve_offsets(worker, 1)
+    store(worker, 0, [0], offsets)
+    assert load(worker, 1, [offsets[0] + 16], [3]) == {3}
+
+
+def test_page_layout_falls_back_to_whole_blocks_when_rows_are_padded() -> None:
+    padded = torch.zeros(4, 3 * PAGE_ELEMS, dtype=torch.bfloat16)
+    view = padded.view(torch.int8)[:, :2 * PAGE_ELEMS * 2]
+    layout = make_page_layout(view, 2 * PAGE_ELEMS * 2, torch.bfloat16, PAGE_ELEMS)
+    assert layout.pages_per_block == 1
+    assert layout.pages.shape == (4, 2 * PAGE_ELEMS)
+    assert layout.raw_stride == 3 * PAGE_ELEMS * 2
+
+
+def test_store_reports_bytes_written_equal_to_records() -> None:
+    caches = make_kv(torch.float32)
+    worker = make_worker(caches)
+    offsets = reserve_offsets(worker, 2)
+    reports = store(worker, 0, [0, 1], offsets)
+    for offset in offsets:
+        assert reports[offset][0] == int(np.sum(worker._records[offset]))
+        assert reports[offset][0] % 16 == 0

@@ -1,0 +1,315 @@
+"""Scheduler-side bookkeeping of the compressed host cache.
+
+The manager decides where every offloaded block lives in the host arena. Each TP
+rank owns an arena of the same capacity, and a block sits at the same offset in
+every rank's arena, so one allocator here describes them all.
+
+A block's compressed size is unknown when the scheduler prepares its store, so
+:meth:`prepare_store` reserves the worst case (every page stored raw, plus record
+headers). Each worker reports the bytes it actually wrote through the connector's
+worker-to-scheduler metadata; :meth:`record_store_reports` keeps the largest
+report per block over the ranks, and :meth:`complete_store`, which vLLM calls once
+every rank has finished the job, trims the reservation to that size. Eviction is
+LRU over whole blocks and stops as soon as a reservation fits
+(:meth:`BlockTable.evict_for`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from typing_extensions import override
+
+from vllm.distributed.kv_events import MEDIUM_CPU
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
+    OffloadingConnectorStats,
+)
+from vllm.logger import init_logger
+from vllm.v1.kv_offload.base import (
+    LoadStoreSpec,
+    LookupResult,
+    OffloadingEvent,
+    OffloadingManager,
+    OffloadKey,
+    PrepareStoreOutput,
+    ReqContext,
+    RequestOffloadingContext,
+)
+from vllm_kvcompress.offload.arena_allocator import ArenaAllocator
+from vllm_kvcompress.offload.block_table import BlockRecord, BlockTable
+from vllm_kvcompress.offload.config import CompressionConfig
+from vllm_kvcompress.offload.metrics import CompressionMetrics
+
+logger = init_logger(__name__)
+
+
+class ArenaLoadStoreSpec(LoadStoreSpec):
+    """Arena ranges of the blocks of one transfer, in the order of its keys.
+
+    For a store, ``nbytes`` is each block's reservation; for a load, the largest
+    size any rank wrote (each worker knows its own exact record sizes).
+    """
+
+    def __init__(self, offsets: Iterable[int], nbytes: Iterable[int]):
+        self.offsets = np.fromiter(offsets, dtype=np.int64)
+        self.nbytes = np.fromiter(nbytes, dtype=np.int64)
+        assert self.offsets.shape == self.nbytes.shape
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __repr__(self) -> str:
+        return f"ArenaLoadStoreSpec(offsets={self.offsets!r}, nbytes={self.nbytes!r})"
+
+
+@dataclass
+class BlockStoreReport:
+    """What one or more ranks wrote for one block; merged over ranks."""
+
+    nbytes: int
+    raw_pages: int
+    checksum: int
+
+    def merge(self, other: BlockStoreReport) -> BlockStoreReport:
+        # A size of 0 marks a failed store on some rank: the block must be dropped.
+        failed = self.nbytes <= 0 or other.nbytes <= 0
+        return BlockStoreReport(
+            nbytes=0 if failed else max(self.nbytes, other.nbytes),
+            raw_pages=self.raw_pages + other.raw_pages,
+            checksum=(self.checksum + other.checksum) & 0xFFFFFFFF,
+        )
+
+
+@dataclass
+class _PendingStore:
+    offset: int
+    report: BlockStoreReport | None = None
+
+
+class CompressedCPUOffloadingManager(OffloadingManager):
+    """LRU host cache of variable-size compressed blocks in one arena per rank."""
+
+    def __init__(
+        self,
+        capacity: int,
+        reserve_bytes: int,
+        raw_block_bytes: int,
+        compression: CompressionConfig,
+        kv_dtype: str,
+        enable_events: bool = False,
+    ):
+        if reserve_bytes <= 0 or reserve_bytes > capacity:
+            raise ValueError(
+                f"the host arena ({capacity} bytes per rank) cannot hold even one KV block "
+                f"({reserve_bytes} bytes reserved per block); raise --kv-offloading-size")
+        self.medium = MEDIUM_CPU
+        self.capacity = capacity
+        self.reserve_bytes = reserve_bytes
+        self.raw_block_bytes = raw_block_bytes
+        self.compression = compression
+        self.kv_dtype = kv_dtype
+        self.allocator = ArenaAllocator(capacity)
+        self.table = BlockTable()
+        self._pending: dict[OffloadKey, _PendingStore] = {}
+        # Both directions, for every live block (pending or cached): workers name
+        # blocks by arena offset, eviction by key.
+        self._key_at_offset: dict[int, OffloadKey] = {}
+        self._offset_of_key: dict[OffloadKey, int] = {}
+        self._readers: dict[OffloadKey, int] = {}
+        self._failed: set[OffloadKey] = set()
+        self.events: list[OffloadingEvent] | None = [] if enable_events else None
+        self._stats = OffloadingConnectorStats()
+
+    # --- worker reports (through the connector's worker metadata) ---
+
+    def record_store_reports(self, reports: dict[int, BlockStoreReport]) -> None:
+        """Merges per-block store reports keyed by arena offset."""
+        for offset, report in reports.items():
+            key = self._key_at_offset.get(offset)
+            pending = self._pending.get(key) if key is not None else None
+            if pending is None or pending.offset != offset:
+                continue  # a store discarded by reset_cache
+            pending.report = report if pending.report is None else pending.report.merge(report)
+
+    def record_failed_loads(self, offsets: Iterable[int]) -> None:
+        """Marks blocks whose reload failed its checks; they are dropped once no
+        transfer reads them, so a damaged block is never served twice."""
+        for offset in offsets:
+            key = self._key_at_offset.get(offset)
+            if key is not None and key in self.table:
+                self._failed.add(key)
+                self._stats.increase_counter(CompressionMetrics.LOADS_FAILED)
+                if key not in self._readers:
+                    self._drop(key)
+
+    def record_codec_seconds(self, seconds: float) -> None:
+        self._stats.increase_counter(CompressionMetrics.CODEC_SECONDS, seconds)
+
+    # --- OffloadingManager ---
+
+    @override
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    @override
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        if key in self._pending:
+            return LookupResult.HIT_PENDING
+        if key in self.table and key not in self._failed:
+            return LookupResult.HIT
+        return LookupResult.MISS
+
+    @override
+    def prepare_load(self, keys: Collection[OffloadKey],
+                     req_context: ReqContext) -> LoadStoreSpec:
+        offsets, sizes = [], []
+        for key in keys:
+            record = self.table.get(key)
+            assert record is not None, f"block {key!r} is not in the host cache"
+            self._readers[key] = self._readers.get(key, 0) + 1
+            offsets.append(record.offset)
+            sizes.append(record.nbytes)
+        self._stats.increase_counter(CompressionMetrics.BLOCKS_LOADED, len(offsets))
+        return ArenaLoadStoreSpec(offsets, sizes)
+
+    @override
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        for key in keys:
+            self.table.get(key)
+
+    @override
+    def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        for key in keys:
+            count = self._readers.get(key, 0)
+            assert count > 0, f"block {key!r} was not being loaded"
+            if count > 1:
+                self._readers[key] = count - 1
+                continue
+            del self._readers[key]
+            if key in self._failed:
+                self._drop(key)
+
+    @override
+    def prepare_store(self, keys: Collection[OffloadKey],
+                      req_context: ReqContext) -> PrepareStoreOutput | None:
+        keys_to_store = [k for k in keys if k not in self.table and k not in self._pending]
+        if not keys_to_store:
+            return PrepareStoreOutput([], ArenaLoadStoreSpec([], []), [])
+        protected = set(keys) | self._readers.keys()
+        offsets: list[int] = []
+        evicted: list[OffloadKey] = []
+        for _ in keys_to_store:
+            offset = self.allocator.allocate(self.reserve_bytes)
+            if offset is None:
+                victims = self.table.evict_for(self.reserve_bytes, self.allocator, protected)
+                if victims is not None:
+                    self._forget(victims)
+                    evicted.extend(victims)
+                    offset = self.allocator.allocate(self.reserve_bytes)
+                if offset is None:
+                    for taken in offsets:
+                        self.allocator.free(taken)
+                    self._announce_evicted(evicted)
+                    self._stats.increase_counter(CompressionMetrics.STORES_SKIPPED_FULL,
+                                                 len(keys_to_store))
+                    return None
+            offsets.append(offset)
+        self._announce_evicted(evicted)
+        for key, offset in zip(keys_to_store, offsets):
+            self._pending[key] = _PendingStore(offset)
+            self._track(key, offset)
+        return PrepareStoreOutput(
+            keys_to_store=keys_to_store,
+            store_spec=ArenaLoadStoreSpec(offsets, [self.reserve_bytes] * len(offsets)),
+            evicted_keys=evicted,
+        )
+
+    @override
+    def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext,
+                       success: bool = True) -> None:
+        stored: list[OffloadKey] = []
+        for key in keys:
+            pending = self._pending.pop(key, None)
+            if pending is None:
+                continue
+            report = pending.report
+            if not success or report is None or report.nbytes <= 0:
+                self.allocator.free(pending.offset)
+                self._forget([key])
+                self._stats.increase_counter(CompressionMetrics.STORES_FAILED)
+                continue
+            nbytes = min(report.nbytes, self.reserve_bytes)
+            self.allocator.shrink(pending.offset, nbytes)
+            self.table.insert(key, BlockRecord(
+                offset=pending.offset,
+                nbytes=nbytes,
+                raw_nbytes=self.raw_block_bytes,
+                mode=int(self.compression.codec.mode),
+                error_bound=self.compression.error_bound,
+                dtype=self.kv_dtype,
+                checksum=report.checksum,
+                is_raw=report.raw_pages > 0,
+            ))
+            stored.append(key)
+            self._stats.increase_counter(CompressionMetrics.RAW_PAGES, report.raw_pages)
+            self._stats.increase_counter(CompressionMetrics.COMPRESSED_BYTES_STORED, nbytes)
+            self._stats.increase_counter(CompressionMetrics.UNCOMPRESSED_BYTES_STORED,
+                                         self.raw_block_bytes)
+        self._stats.increase_counter(CompressionMetrics.BLOCKS_STORED, len(stored))
+        if stored and self.events is not None:
+            self.events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
+
+    @override
+    def reset_cache(self) -> None:
+        self.allocator = ArenaAllocator(self.capacity)
+        self.table = BlockTable()
+        self._pending.clear()
+        self._key_at_offset.clear()
+        self._offset_of_key.clear()
+        self._readers.clear()
+        self._failed.clear()
+
+    @override
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        if self.events is not None:
+            yield from self.events
+            self.events.clear()
+
+    @override
+    def get_stats(self) -> OffloadingConnectorStats:
+        stats, self._stats = self._stats, OffloadingConnectorStats()
+        m = CompressionMetrics
+        arena = self.allocator.stats()
+        stats.set_gauge(m.COMPRESSION_RATIO, self.table.compression_ratio)
+        stats.set_gauge(m.STORED_BYTES, self.table.stored_bytes)
+        stats.set_gauge(m.RAW_BYTES, self.table.raw_bytes)
+        stats.set_gauge(m.ARENA_USAGE, arena.allocated_bytes / self.capacity)
+        stats.set_gauge(m.ARENA_FRAGMENTATION, arena.fragmentation)
+        stats.set_gauge(m.CACHED_BLOCKS, len(self.table))
+        return stats
+
+    # --- helpers ---
+
+    def _track(self, key: OffloadKey, offset: int) -> None:
+        self._key_at_offset[offset] = key
+        self._offset_of_key[key] = offset
+
+    def _forget(self, keys: Iterable[OffloadKey]) -> None:
+        for key in keys:
+            del self._key_at_offset[self._offset_of_key.pop(key)]
+            self._failed.discard(key)
+
+    def _announce_evicted(self, evicted: list[OffloadKey]) -> None:
+        if not evicted:
+            return
+        self._stats.increase_counter(CompressionMetrics.BLOCKS_EVICTED, len(evicted))
+        if self.events is not None:
+            self.events.append(OffloadingEvent(keys=evicted, medium=self.medium, removed=True))
+
+    def _drop(self, key: OffloadKey) -> None:
+        self.allocator.free(self.table.remove(key).offset)
+        self._forget([key])
+        if self.events is not None:
+            self.events.append(OffloadingEvent(keys=[key], medium=self.medium, removed=True))

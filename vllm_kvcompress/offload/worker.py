@@ -1,0 +1,494 @@
+"""Worker-side transfers of compressed offloading: GPU KV cache <-> host arena.
+
+Store: on a side stream that first waits for the model's stream, each block's pages
+(every layer in the block's KV group, K and V) are compressed into a GPU staging
+buffer; a segment-copy kernel then writes only the compressed records into the
+block's reservation in the pinned host arena, reading their sizes on the device.
+The per-block sizes, raw-page counts and checksums come back in a small pinned
+buffer that :meth:`CompressedOffloadingWorker.get_finished` reads once the job's
+event has fired; nothing here waits on the model's stream.
+
+Load: the block's records are copied from the arena into a GPU staging buffer and
+decompressed straight into the destination blocks of the paged KV cache. A page
+that fails its checks (bad magic, checksum, sizes) is not written; its GPU block
+is reported as a load error, so vLLM recomputes it, and its arena offset goes back
+to the scheduler, which drops the damaged block.
+
+The worker remembers each stored block's record sizes (keyed by arena offset) in
+host memory, so that a load needs no header parsing and no device round trip to
+locate pages. KV caches whose dtype the codec does not take (e.g. fp8) are copied
+raw through the same path. Runs on CPU tensors too (synchronously), which is how
+CI exercises it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vllm.logger import init_logger
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCaches,
+    GPULoadStoreSpec,
+    LoadStoreSpec,
+    OffloadingWorker,
+    TransferResult,
+)
+from vllm_kvcompress import _custom_ops as ops
+from vllm_kvcompress.codec import (
+    SUPPORTED_DTYPES,
+    CodecConfig,
+    CompressStatus,
+    DecodeStatus,
+    record_bound,
+)
+from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
+
+logger = init_logger(__name__)
+
+# GPU staging is bounded so that a long prompt's store does not claim memory vLLM's
+# profiler never saw; larger jobs run as several chunks through the same buffer.
+DEFAULT_STAGING_BYTES = 64 << 20
+_CHECKSUM_WORD = 7  # header bytes 28..31 (docs/format.md)
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """How the blocks of one canonical KV tensor split into codec pages.
+
+    ``pages`` is a 2-D view in the KV dtype whose row ``block * pages_per_block + j``
+    is page ``j`` of ``block`` (``None`` when the codec cannot take the dtype);
+    ``raw`` is the tensor's whole storage as flat bytes, with block ``b`` at
+    ``raw_offset + b * raw_stride``, for the uncompressed fallback.
+    """
+
+    pages: torch.Tensor | None
+    pages_per_block: int
+    raw: torch.Tensor
+    raw_offset: int
+    raw_stride: int
+    block_bytes: int
+
+    @property
+    def reserve_bytes(self) -> int:
+        """Worst-case arena bytes of one block."""
+        if self.pages is None:
+            return self.block_bytes
+        return self.pages_per_block * record_bound(self.pages.shape[1], self.pages.dtype)
+
+
+def make_page_layout(block_tensor: torch.Tensor, page_size_bytes: int, kv_dtype: torch.dtype,
+                     elems_per_page: int) -> PageLayout:
+    """Views a ``(num_blocks, bytes)`` int8 tensor as codec pages of ``elems_per_page``.
+
+    One codec page is one layer's K or V of one block when ``elems_per_page`` is
+    ``block_size * num_kv_heads * head_size``, so each page's relative bound follows
+    that tensor's own value range. When the block does not split evenly, or padded
+    rows make a split impossible as a view, the whole block is one page.
+    """
+    raw = torch.empty(0, dtype=torch.uint8, device=block_tensor.device).set_(
+        block_tensor.untyped_storage())
+    itemsize = kv_dtype.itemsize
+    pages = None
+    per_block = 1
+    aligned = (page_size_bytes % itemsize == 0 and block_tensor.stride(0) % itemsize == 0
+               and block_tensor.storage_offset() % itemsize == 0)
+    if kv_dtype in SUPPORTED_DTYPES and aligned:
+        typed = block_tensor[:, :page_size_bytes].view(kv_dtype)
+        elems = typed.shape[1]
+        if elems % elems_per_page == 0 and typed.is_contiguous():
+            per_block = elems // elems_per_page
+        pages = typed.reshape(-1, elems // per_block) if per_block > 1 else typed
+    return PageLayout(pages=pages, pages_per_block=per_block, raw=raw,
+                      raw_offset=block_tensor.storage_offset(),
+                      raw_stride=block_tensor.stride(0), block_bytes=page_size_bytes)
+
+
+class _Device:
+    """Streams and events on CUDA; immediate execution on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.is_cuda = device.type == "cuda"
+        self.device = device
+
+    def new_stream(self) -> torch.cuda.Stream | None:
+        return torch.cuda.Stream(device=self.device) if self.is_cuda else None
+
+    def event(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        if stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda)
+
+
+@dataclass
+class _Job:
+    job_id: int
+    is_store: bool
+    start: torch.cuda.Event | None
+    end: torch.cuda.Event | None
+    finish: Callable[[], TransferResult]
+    keep_alive: list[torch.Tensor] = field(default_factory=list)
+
+    def done(self) -> bool:
+        return self.end is None or self.end.query()
+
+    def seconds(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        return self.start.elapsed_time(self.end) * 1e-3
+
+
+class CompressedOffloadingWorker(OffloadingWorker):
+    """Compresses KV blocks into, and restores them from, a pinned host arena."""
+
+    def __init__(
+        self,
+        kv_caches: CanonicalKVCaches,
+        kv_dtype: torch.dtype,
+        elems_per_page: int,
+        codec: CodecConfig,
+        arena_bytes: int,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+    ):
+        device = kv_caches.tensors[0].tensor.device
+        self._dev = _Device(device)
+        self.codec = codec
+        self.layouts = [
+            make_page_layout(t.tensor, t.page_size_bytes, kv_dtype, elems_per_page)
+            for t in kv_caches.tensors
+        ]
+        self.compressible = all(layout.pages is not None for layout in self.layouts)
+        if not self.compressible:
+            logger.warning("KV cache dtype %s (or its layout) is not one the codec takes "
+                           "(fp16, bf16, fp32): offloaded blocks are stored uncompressed",
+                           kv_dtype)
+        # Which canonical tensors hold each KV group's pages (one entry per tensor).
+        self.group_tensors = [sorted({ref.tensor_idx for ref in refs})
+                              for refs in kv_caches.group_data_refs]
+        self.arena = self._dev.host_buffer((arena_bytes,), torch.uint8)
+        self._staging_bytes = staging_bytes
+        self._store_staging = torch.empty(0, dtype=torch.uint8, device=device)
+        self._load_staging = torch.empty(0, dtype=torch.uint8, device=device)
+        self._store_stream = self._dev.new_stream()
+        self._load_stream = self._dev.new_stream()
+        # arena offset -> record sizes of the block's pages on this rank
+        self._records: dict[int, np.ndarray] = {}
+        self._jobs: deque[_Job] = deque()
+        self._job_events: dict[int, torch.cuda.Event | None] = {}
+        self._finished: list[TransferResult] = []
+        # Reports for the scheduler, drained by the connector each step:
+        # job id -> {arena offset: (bytes written, raw pages, checksum)}, bytes 0 = failed.
+        self.store_reports: dict[int, dict[int, tuple[int, int, int]]] = {}
+        # job id -> arena offsets of blocks whose reload failed its checks
+        self.failed_loads: dict[int, list[int]] = {}
+        self.failed_load_block_ids: set[int] = set()
+        self.codec_seconds = 0.0
+
+    def reserve_bytes(self, group: int) -> int:
+        """Worst-case arena bytes of one block of ``group`` on this rank."""
+        return sum(self.layouts[t].reserve_bytes for t in self.group_tensors[group])
+
+    def raw_block_bytes(self, group: int) -> int:
+        return sum(self.layouts[t].block_bytes for t in self.group_tensors[group])
+
+    # --- OffloadingWorker ---
+
+    def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec,
+                     dst_spec: LoadStoreSpec) -> bool:
+        assert isinstance(dst_spec, ArenaLoadStoreSpec)
+        blocks = _split_groups(src_spec, len(self.group_tensors))
+        assert sum(len(b) for b in blocks) == len(dst_spec), (
+            "compressed offloading needs one GPU block per offloaded block "
+            "(blocks_per_chunk = 1)")
+        stream = self._store_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self._dev.device))
+        with _on(stream), _nvtx("kvcompress.store"):
+            start = self._dev.event(stream)
+            results: list[tuple[torch.Tensor, np.ndarray]] = []
+            first = 0
+            for group, block_ids in enumerate(blocks):
+                offsets = dst_spec.offsets[first:first + len(block_ids)]
+                first += len(block_ids)
+                for lo, hi in self._chunks(len(block_ids), self.reserve_bytes(group)):
+                    host = self._store_chunk(group, block_ids[lo:hi], offsets[lo:hi])
+                    results.append((host, offsets[lo:hi]))
+            end = self._dev.event(stream)
+
+        def finish() -> TransferResult:
+            stored = 0
+            reports = self.store_reports.setdefault(job_id, {})
+            for host, offsets in results:
+                stored += self._collect_store(host.numpy(), offsets, reports)
+            return TransferResult(job_id=job_id, success=True, transfer_size=stored,
+                                  transfer_time=job.seconds())
+
+        job = _Job(job_id, True, start, end, finish, [r[0] for r in results])
+        self._push(job)
+        return True
+
+    def submit_load(self, job_id: int, src_spec: LoadStoreSpec,
+                    dst_spec: GPULoadStoreSpec) -> bool:
+        assert isinstance(src_spec, ArenaLoadStoreSpec)
+        blocks = _split_groups(dst_spec, len(self.group_tensors))
+        assert sum(len(b) for b in blocks) == len(src_spec), (
+            "compressed offloading needs one GPU block per offloaded block "
+            "(blocks_per_chunk = 1)")
+        stream = self._load_stream
+        with _on(stream), _nvtx("kvcompress.load"):
+            start = self._dev.event(stream)
+            results: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
+            loaded = 0
+            first = 0
+            for group, block_ids in enumerate(blocks):
+                offsets = src_spec.offsets[first:first + len(block_ids)]
+                first += len(block_ids)
+                for lo, hi in self._chunks(len(block_ids), self.reserve_bytes(group)):
+                    host, nbytes = self._load_chunk(group, block_ids[lo:hi], offsets[lo:hi])
+                    results.append((host, block_ids[lo:hi], offsets[lo:hi]))
+                    loaded += nbytes
+            end = self._dev.event(stream)
+
+        def finish() -> TransferResult:
+            for host, block_ids, offsets in results:
+                failed = host.numpy() != 0
+                self.failed_load_block_ids.update(int(b) for b in block_ids[failed])
+                if failed.any():
+                    self.failed_loads.setdefault(job_id, []).extend(
+                        int(o) for o in offsets[failed])
+                if failed.any():
+                    logger.warning("%d offloaded KV blocks failed their checks on reload; "
+                                   "they will be recomputed", int(failed.sum()))
+            return TransferResult(job_id=job_id, success=True, transfer_size=loaded,
+                                  transfer_time=job.seconds())
+
+        job = _Job(job_id, False, start, end, finish, [r[0] for r in results])
+        self._push(job)
+        return True
+
+    def get_finished(self) -> list[TransferResult]:
+        while self._jobs and self._jobs[0].done():
+            self._complete(self._jobs.popleft())
+        finished, self._finished = self._finished, []
+        return finished
+
+    def wait(self, job_ids: set[int]) -> None:
+        for job_id in job_ids:
+            event = self._job_events.get(job_id)
+            if event is not None:
+                event.synchronize()
+
+    def shutdown(self) -> None:
+        for job in self._jobs:
+            if job.end is not None:
+                job.end.synchronize()
+        self._jobs.clear()
+        self._job_events.clear()
+        self._records.clear()
+
+    # --- store ---
+
+    def _store_chunk(self, group: int, block_ids: np.ndarray,
+                     offsets: np.ndarray) -> torch.Tensor:
+        """Compresses and writes one chunk of blocks; returns the pinned report,
+        per block ``[bytes written (0 = failed), raw pages, checksum, record sizes...]``."""
+        n = len(block_ids)
+        device = self._dev.device
+        staging = self._staging(n * self.reserve_bytes(group), store=True)
+        ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
+        seg_src, seg_len, rec_sizes, raw_pages, checksums = [], [], [], [], []
+        base = 0
+        for t in self.group_tensors[group]:
+            layout = self.layouts[t]
+            if self.compressible:
+                k = layout.pages_per_block
+                page_ids = (ids[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+                table = torch.empty((n * k, 3), dtype=torch.int64, device=device)
+                region = staging[base:base + n * layout.reserve_bytes]
+                ops.compress(layout.pages, page_ids, self.codec.error_bound, self.codec.relative,
+                             int(self.codec.mode), self.codec.rows, region, table)
+                sizes = table[:, 1].view(n, k)
+                seg_src.append(base + table[::k, 0])
+                seg_len.append(sizes.sum(1))
+                rec_sizes.append(sizes)
+                is_raw = (table[:, 2] >= CompressStatus.RAW_NON_FINITE) & (
+                    table[:, 2] <= CompressStatus.RAW_NO_GAIN)
+                raw_pages.append(is_raw.view(n, k).sum(1))
+                words = staging.view(torch.int32)[(base + table[:, 0]) // 4 + _CHECKSUM_WORD]
+                checksums.append(words.to(torch.int64).view(n, k).sum(1))
+                base += n * layout.reserve_bytes
+            else:
+                block_len = torch.full((n,), layout.block_bytes, dtype=torch.int64,
+                                       device=device)
+                seg_src.append(layout.raw_offset + ids * layout.raw_stride)
+                seg_len.append(block_len)
+                rec_sizes.append(block_len[:, None])
+                raw_pages.append(torch.ones(n, dtype=torch.int64, device=device))
+                checksums.append(torch.zeros(n, dtype=torch.int64, device=device))
+        lengths = torch.stack(seg_len, 1)
+        starts = torch.from_numpy(offsets).to(device, non_blocking=True)[:, None] + (
+            lengths.cumsum(1) - lengths)
+        if self.compressible:
+            status = torch.empty(lengths.numel(), dtype=torch.int32, device=device)
+            ops.copy_segments(staging, torch.stack(seg_src, 1).reshape(-1), self.arena,
+                              starts.reshape(-1), lengths.reshape(-1), status)
+        else:
+            statuses = []
+            for i, t in enumerate(self.group_tensors[group]):
+                statuses.append(torch.empty(n, dtype=torch.int32, device=device))
+                ops.copy_segments(self.layouts[t].raw, seg_src[i], self.arena,
+                                  starts[:, i].contiguous(), lengths[:, i].contiguous(),
+                                  statuses[-1])
+            status = torch.stack(statuses, 1)
+        ok = (status.view(n, -1) == 0).all(1)
+        report = torch.cat([
+            (lengths.sum(1) * ok)[:, None],
+            torch.stack(raw_pages, 1).sum(1, keepdim=True),
+            (torch.stack(checksums, 1).sum(1, keepdim=True) & 0xFFFFFFFF),
+            torch.cat(rec_sizes, 1),
+        ], 1)
+        host = self._dev.host_buffer(tuple(report.shape), torch.int64)
+        host.copy_(report, non_blocking=True)
+        return host
+
+    def _collect_store(self, report: np.ndarray, offsets: np.ndarray,
+                       reports: dict[int, tuple[int, int, int]]) -> int:
+        written = 0
+        for row, offset in zip(report, offsets):
+            nbytes = int(row[0])
+            reports[int(offset)] = (nbytes, int(row[1]), int(row[2]))
+            if nbytes > 0:
+                self._records[int(offset)] = row[3:].copy()
+                written += nbytes
+            else:
+                self._records.pop(int(offset), None)
+        return written
+
+    # --- load ---
+
+    def _load_chunk(self, group: int, block_ids: np.ndarray,
+                    offsets: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Copies one chunk of blocks to the GPU and decodes them into the KV cache;
+        returns the pinned per-block failure flags and the bytes moved."""
+        n = len(block_ids)
+        device = self._dev.device
+        tensors = self.group_tensors[group]
+        per_block = [self.layouts[t].pages_per_block if self.compressible else 1
+                     for t in tensors]
+        pages_per_block = sum(per_block)
+        missing = np.zeros(n, dtype=bool)
+        sizes = np.zeros((n, pages_per_block), dtype=np.int64)
+        for i, offset in enumerate(offsets):
+            rec = self._records.get(int(offset))
+            if rec is None or len(rec) != pages_per_block:
+                missing[i] = True  # never stored by this rank: treat as a failed load
+            else:
+                sizes[i] = rec
+        totals = sizes.sum(1)
+        starts = np.cumsum(totals) - totals
+        staging = self._staging(int(totals.sum()), store=False)
+        seg = torch.from_numpy(np.stack([offsets, starts, totals])).to(device, non_blocking=True)
+        seg_status = torch.empty(n, dtype=torch.int32, device=device)
+        ops.copy_segments(self.arena, seg[0], staging, seg[1], seg[2], seg_status)
+        failed = (seg_status != 0) | torch.from_numpy(missing).to(device, non_blocking=True)
+        rec_starts = starts[:, None] + np.cumsum(sizes, 1) - sizes
+        ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
+        col = 0
+        for t, k in zip(tensors, per_block):
+            layout = self.layouts[t]
+            if self.compressible:
+                table = torch.from_numpy(np.stack(
+                    [rec_starts[:, col:col + k].reshape(-1), sizes[:, col:col + k].reshape(-1)],
+                    1)).to(device, non_blocking=True)
+                dst_ids = (ids[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+                status = torch.empty(n * k, dtype=torch.int32, device=device)
+                ops.decompress(staging, table, layout.pages, dst_ids, status)
+                failed |= (status.view(n, k) != DecodeStatus.OK).any(1)
+            else:
+                dst = layout.raw_offset + ids * layout.raw_stride
+                status = torch.empty(n, dtype=torch.int32, device=device)
+                src = torch.from_numpy(rec_starts[:, col].copy()).to(device, non_blocking=True)
+                length = torch.full((n,), layout.block_bytes, dtype=torch.int64, device=device)
+                ops.copy_segments(staging, src, layout.raw, dst, length, status)
+                failed |= status != 0
+            col += k
+        host = self._dev.host_buffer((n,), torch.int32)
+        host.copy_(failed.to(torch.int32), non_blocking=True)
+        return host, int(totals.sum())
+
+    # --- helpers ---
+
+    def _staging(self, nbytes: int, store: bool) -> torch.Tensor:
+        # Grown on the side stream that uses it, so the caching allocator only
+        # recycles the old buffer after that stream's earlier work.
+        buf = self._store_staging if store else self._load_staging
+        if buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=self._dev.device)
+            if store:
+                self._store_staging = buf
+            else:
+                self._load_staging = buf
+        return buf[:max(nbytes, 16)]
+
+    def _chunks(self, num_blocks: int, block_bytes: int) -> list[tuple[int, int]]:
+        step = max(1, self._staging_bytes // max(block_bytes, 1))
+        return [(lo, min(lo + step, num_blocks)) for lo in range(0, num_blocks, step)]
+
+    def _push(self, job: _Job) -> None:
+        self._jobs.append(job)
+        self._job_events[job.job_id] = job.end
+
+    def _complete(self, job: _Job) -> None:
+        result = job.finish()
+        if result.transfer_time is not None:
+            self.codec_seconds += result.transfer_time
+        self._job_events.pop(job.job_id, None)
+        self._finished.append(result)
+
+
+def _split_groups(spec: GPULoadStoreSpec, num_groups: int) -> list[np.ndarray]:
+    block_ids = np.asarray(spec.block_ids, dtype=np.int64)
+    sizes = list(spec.group_sizes) if spec.group_sizes is not None else [len(block_ids)]
+    assert len(sizes) == num_groups
+    bounds = np.cumsum([0] + sizes)
+    return [block_ids[bounds[g]:bounds[g + 1]] for g in range(num_groups)]
+
+
+class _on:
+    """``torch.cuda.stream(stream)`` that is a no-op without a stream (CPU)."""
+
+    def __init__(self, stream: torch.cuda.Stream | None):
+        self._ctx = torch.cuda.stream(stream) if stream is not None else None
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+class _nvtx:
+    """An NVTX range when CUDA is available, for Nsight timelines of the offload path."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._on = torch.cuda.is_available()
+
+    def __enter__(self) -> None:
+        if self._on:
+            torch.cuda.nvtx.range_push(self._name)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._on:
+            torch.cuda.nvtx.range_pop()
