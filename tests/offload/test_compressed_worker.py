@@ -167,6 +167,8 @@ def test_damaged_block_is_a_load_error_not_wrong_kv(where: str) -> None:
         c.fill_(7.0)
     assert load(worker, 1, offsets, [5, 6, 7]) == {6}
     assert worker.failed_loads == {1: [victim]}
+    assert (worker.counters.blocks_loaded, worker.counters.failed_loads) == (2, 1)
+    assert worker.counters.blocks_stored == 3
     for c in caches:
         assert (c[5] != 7.0).any() and (c[7] != 7.0).any()
 

@@ -130,6 +130,20 @@ class _Device:
 
 
 @dataclass
+class WorkerCounters:
+    """Totals since start on this rank, for benchmarks and tests (read them with
+    ``LLM.collective_rpc``); the scheduler's metrics are the per-step view."""
+
+    blocks_stored: int = 0
+    bytes_stored: int = 0
+    raw_bytes_stored: int = 0
+    raw_pages: int = 0
+    blocks_loaded: int = 0
+    bytes_loaded: int = 0
+    failed_loads: int = 0
+
+
+@dataclass
 class _Job:
     job_id: int
     is_store: bool
@@ -192,6 +206,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
         self.failed_loads: dict[int, list[int]] = {}
         self.failed_load_block_ids: set[int] = set()
         self.codec_seconds = 0.0
+        self.counters = WorkerCounters()
+        self._raw_bytes_per_block = self.raw_block_bytes(0)
 
     def reserve_bytes(self, group: int) -> int:
         """Worst-case arena bytes of one block of ``group`` on this rank."""
@@ -229,6 +245,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
             reports = self.store_reports.setdefault(job_id, {})
             for host, offsets in results:
                 stored += self._collect_store(host.numpy(), offsets, reports)
+            self.counters.bytes_stored += stored
             return TransferResult(job_id=job_id, success=True, transfer_size=stored,
                                   transfer_time=job.seconds())
 
@@ -259,8 +276,11 @@ class CompressedOffloadingWorker(OffloadingWorker):
             end = self._dev.event(stream)
 
         def finish() -> TransferResult:
+            self.counters.bytes_loaded += loaded
             for host, block_ids, offsets in results:
                 failed = host.numpy() != 0
+                self.counters.blocks_loaded += int((~failed).sum())
+                self.counters.failed_loads += int(failed.sum())
                 self.failed_load_block_ids.update(int(b) for b in block_ids[failed])
                 if failed.any():
                     self.failed_loads.setdefault(job_id, []).extend(
@@ -369,6 +389,9 @@ class CompressedOffloadingWorker(OffloadingWorker):
             if nbytes > 0:
                 self._records[int(offset)] = row[3:].copy()
                 written += nbytes
+                self.counters.blocks_stored += 1
+                self.counters.raw_pages += int(row[1])
+                self.counters.raw_bytes_stored += self._raw_bytes_per_block
             else:
                 self._records.pop(int(offset), None)
         return written
