@@ -112,7 +112,7 @@ codec() {
 }
 
 vllm_phase() {
-  python3 -m pytest tests/offload -q -rs -p no:cacheprovider -x \
+  python3 -m pytest tests/offload -q -rs -p no:cacheprovider \
     --junitxml="$OUT/pytest_offload.xml" > "$OUT/pytest_offload.log" 2>&1 || status=1
   tail -15 "$OUT/pytest_offload.log"
   timeout 420 python3 benchmarks/benchmark_offload.py --out "$OUT/offload" \

@@ -81,24 +81,33 @@ class CompressedCPUOffloadingSpec(OffloadingSpec):
     def set_geometry(self, geometry: KVGeometry) -> None:
         self.geometry = geometry
 
+    def _require_geometry(self) -> KVGeometry:
+        if self.geometry is None:
+            raise RuntimeError(
+                "CompressedCPUOffloadingSpec runs under kv_connector="
+                "'CompressedOffloadingConnector'. Passing kv_offloading_size together "
+                "with compressed_offload_kwargs(...) makes vLLM switch to its own "
+                "OffloadingConnector: give the size only to compressed_offload_kwargs")
+        return self.geometry
+
     @property
     def reserve_bytes(self) -> int:
         """Worst-case arena bytes of one block on one rank: every page raw."""
-        assert self.geometry is not None, "set_geometry() must come first"
-        page_bytes = self.geometry.elems_per_page * self.geometry.dtype.itemsize
+        geometry = self._require_geometry()
+        page_bytes = geometry.elems_per_page * geometry.dtype.itemsize
         pages = -(-self.raw_block_bytes // page_bytes)
         return self.raw_block_bytes + pages * _RECORD_OVERHEAD
 
     @override
     def get_manager(self) -> OffloadingManager:
         if self._manager is None:
-            assert self.geometry is not None, "set_geometry() must come first"
+            geometry = self._require_geometry()
             self._manager = CompressedCPUOffloadingManager(
                 capacity=self.arena_bytes,
                 reserve_bytes=self.reserve_bytes,
                 raw_block_bytes=self.raw_block_bytes,
                 compression=self.compression,
-                kv_dtype=str(self.geometry.dtype).removeprefix("torch."),
+                kv_dtype=str(geometry.dtype).removeprefix("torch."),
                 enable_events=self.kv_events_config.enable_kv_cache_events,
             )
             logger.info(
@@ -114,11 +123,11 @@ class CompressedCPUOffloadingSpec(OffloadingSpec):
         if self._worker is None:
             from vllm_kvcompress.offload.worker import CompressedOffloadingWorker
 
-            assert self.geometry is not None, "set_geometry() must come first"
+            geometry = self._require_geometry()
             worker = CompressedOffloadingWorker(
                 kv_caches=kv_caches,
-                kv_dtype=self.geometry.dtype,
-                elems_per_page=self.geometry.elems_per_page,
+                kv_dtype=geometry.dtype,
+                elems_per_page=geometry.elems_per_page,
                 codec=self.compression.codec,
                 arena_bytes=self.arena_bytes,
             )
