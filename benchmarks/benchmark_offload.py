@@ -70,6 +70,8 @@ def build_llm(model: Path, mode: str, args: argparse.Namespace):
 
         kwargs = compressed_offload_kwargs(args.offload_gib, error_bound=args.error_bound,
                                            mode=args.codec_mode)
+    if args.attention_backend:
+        kwargs["attention_backend"] = args.attention_backend
     gpu_blocks = int(args.gpu_prompts * args.prompt_tokens / BLOCK)
     return LLM(model=str(model), load_format="dummy", skip_tokenizer_init=True,
                dtype="bfloat16", enforce_eager=args.enforce_eager, block_size=BLOCK,
@@ -127,7 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(), "prompt_tokens": args.prompt_tokens,
         "prompt_kv_mib": args.prompt_tokens * kv_bytes_per_token / 2**20,
         "gpu_prompts": args.gpu_prompts, "offload_gib": args.offload_gib,
-        "error_bound": args.error_bound, "codec_mode": args.codec_mode, "configs": {},
+        "error_bound": args.error_bound, "codec_mode": args.codec_mode,
+        "attention_backend": args.attention_backend or "default", "configs": {},
     }
     for mode in tqdm(args.configs, desc="offload configs"):
         llm = build_llm(model, mode, args)
@@ -227,6 +230,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--model-dir", type=str, default=None)
+    parser.add_argument("--attention-backend", default=None,
+                        help="vLLM attention backend (default: vLLM's choice)")
     args = parser.parse_args()
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,11 +42,13 @@ error_path_works() {
   python3 - <<'EOF'
 import torch
 import vllm_kvcompress._custom_ops as ops
-try:
-    ops.compress(torch.zeros(2, 8, dtype=torch.float64), torch.tensor([0]), 0.1, True, 1, 1,
-                 torch.empty(256, dtype=torch.uint8), torch.empty(1, 3, dtype=torch.long))
-except TypeError as e:
-    print("error path ok:", str(e).splitlines()[0])
+for pages, error in ((torch.zeros(2, 8, dtype=torch.float64), TypeError),
+                     (torch.zeros(8, 4).t(), ValueError)):
+    try:
+        ops.compress(pages, torch.tensor([0]), 0.1, True, 1, 1,
+                     torch.empty(256, dtype=torch.uint8), torch.empty(1, 3, dtype=torch.long))
+    except error as e:
+        print("error path ok:", str(e).splitlines()[0])
 EOF
 }
 
@@ -111,23 +113,32 @@ codec() {
   grep -v "codec configs" "$OUT/benchmark_codec.log" | tail -40
 }
 
+# KVCOMPRESS_ATTENTION_BACKEND (default TRITON_ATTN) picks vLLM's attention backend
+# for the end-to-end tests and the offload benchmark.
 vllm_phase() {
-  python3 -m pytest tests/offload -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/pytest_offload.xml" > "$OUT/pytest_offload.log" 2>&1 || status=1
-  tail -15 "$OUT/pytest_offload.log"
-  timeout 420 python3 benchmarks/benchmark_offload.py --out "$OUT/offload" \
+  export KVCOMPRESS_ATTENTION_BACKEND=${KVCOMPRESS_ATTENTION_BACKEND:-TRITON_ATTN}
+  timeout "${E2E_TIMEOUT_S:-300}" python3 -m pytest tests/offload -q -rs -s -p no:cacheprovider \
+    --timeout 150 --junitxml="$OUT/pytest_offload.xml" > "$OUT/pytest_offload.log" 2>&1 \
+    || status=1
+  grep -E "passed|failed|PASSED|FAILED|Error|error:|default bound" "$OUT/pytest_offload.log" \
+    | tail -15
+  timeout "${OFFLOAD_TIMEOUT_S:-240}" python3 benchmarks/benchmark_offload.py \
+    --out "$OUT/offload" --repeats "${OFFLOAD_REPEATS:-2}" \
+    --attention-backend "$KVCOMPRESS_ATTENTION_BACKEND" \
     > "$OUT/benchmark_offload.log" 2>&1 || status=1
-  grep -v "offload configs" "$OUT/benchmark_offload.log" | tail -15
+  grep -v "offload configs" "$OUT/benchmark_offload.log" | tail -12
 }
 
 fidelity() {
-  bash benchmarks/run_fidelity_host.sh || status=1
+  ATTENTION_BACKEND=${KVCOMPRESS_ATTENTION_BACKEND:-TRITON_ATTN} \
+    bash benchmarks/run_fidelity_host.sh "${FIDELITY_LEVEL:-quick}" || status=1
 }
 
 stage
 for phase in "${@:-build}"; do
   case $phase in
     build) build || exit 1 ;;
+    kernels) ;;
     codec) codec ;;
     vllm) vllm_phase ;;
     fidelity) fidelity ;;

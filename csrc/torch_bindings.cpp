@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 #include "ops.h"
 
@@ -13,15 +14,25 @@ namespace {
 
 constexpr int64_t kMaxRows = 65535;
 
+// "(a, b)" without c10's ArrayRef stream operator, which crashed inside error
+// messages when the extension was built with the GPU host's toolchain.
+std::string dims(at::IntArrayRef values) {
+  std::string out = "(";
+  for (size_t i = 0; i < values.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(values[i]);
+  }
+  return out + ")";
+}
+
 void check_pages(const at::Tensor& pages, const char* name) {
   TORCH_CHECK_VALUE(pages.dim() == 2, "kvcompress: ", name,
-                    " must be a 2-D (num_pages, elems_per_page) view, got shape ", pages.sizes());
+                    " must be a 2-D (num_pages, elems_per_page) view, got shape ", dims(pages.sizes()));
   dispatch_kv_dtype(pages.scalar_type(), [](auto) {});
   TORCH_CHECK_VALUE(pages.size(1) >= 1 && pages.size(1) <= (int64_t{1} << 28), "kvcompress: ",
                     name, " must have between 1 and 2^28 elements per page, got ", pages.size(1));
   TORCH_CHECK_VALUE(pages.stride(1) == 1 && pages.stride(0) >= pages.size(1), "kvcompress: ",
                     name, " pages must each be contiguous (strides (>= elems_per_page, 1)), got ",
-                    pages.strides());
+                    dims(pages.strides()));
 }
 
 void check_vector(const at::Tensor& t, at::ScalarType dtype, int64_t numel,
@@ -70,7 +81,7 @@ void check_decompress(const at::Tensor& buf, const at::Tensor& page_table, const
   const int64_t num = dst_page_ids.numel();
   TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.size(0) == num && page_table.size(1) >= 2,
                     "kvcompress: page_table must have shape (", num, ", >= 2), got ",
-                    page_table.sizes());
+                    dims(page_table.sizes()));
   check_vector(page_table, at::kLong, -1, dst, "page_table");
   check_vector(status, at::kInt, num, dst, "status");
 }

@@ -2,7 +2,8 @@
 those without it, the reload path is really taken, a damaged stored block is
 recomputed instead of served, and ``vllm serve --enable-compression`` answers.
 
-The model is ``$KVCOMPRESS_TEST_MODEL`` (a trained model; see
+``$KVCOMPRESS_ATTENTION_BACKEND`` picks vLLM's attention backend (e.g.
+FLASH_ATTN, TRITON_ATTN). The model is ``$KVCOMPRESS_TEST_MODEL`` (a trained model; see
 benchmarks/train_tiny_llama.py), else a small random-weight Llama written to a
 temporary folder. The GPU KV cache is kept to a few prompts so that later prompts
 evict earlier ones from the GPU and a repeated prompt must come back from the host.
@@ -65,8 +66,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+BACKEND = os.environ.get("KVCOMPRESS_ATTENTION_BACKEND")
+
+
 def make_llm(model: str, dtype: str = "bfloat16", **kwargs: object):
     vllm = pytest.importorskip("vllm")
+    if BACKEND:
+        kwargs["attention_backend"] = BACKEND
     return vllm.LLM(model=model, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
                     max_model_len=2 * PROMPT_TOKENS, block_size=BLOCK,
                     num_gpu_blocks_override=GPU_BLOCKS, gpu_memory_utilization=0.3,
@@ -162,6 +168,8 @@ def test_vllm_serve_with_compression_answers(model_dir: str, tmp_path: Path) -> 
            "--gpu-memory-utilization", "0.3", "--skip-tokenizer-init",
            "--kv-offloading-size", "1", "--enable-compression",
            "--compression-error-bound", "0.01"]
+    if BACKEND:
+        cmd += ["--attention-backend", BACKEND]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
