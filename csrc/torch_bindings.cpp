@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "ops.h"
@@ -14,8 +15,16 @@ namespace {
 
 constexpr int64_t kMaxRows = 65535;
 
-// "(a, b)" without c10's ArrayRef stream operator, which crashed inside error
-// messages when the extension was built with the GPU host's toolchain.
+// Numbers in error messages are formatted here, not streamed: on the GPU host,
+// streaming integers into c10's message builder crashed the process (the
+// extension's toolchain and torch's disagree on iostream internals there).
+std::string num(int64_t v) { return std::to_string(v); }
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
 std::string dims(at::IntArrayRef values) {
   std::string out = "(";
   for (size_t i = 0; i < values.size(); ++i) {
@@ -29,7 +38,7 @@ void check_pages(const at::Tensor& pages, const char* name) {
                     " must be a 2-D (num_pages, elems_per_page) view, got shape ", dims(pages.sizes()));
   dispatch_kv_dtype(pages.scalar_type(), [](auto) {});
   TORCH_CHECK_VALUE(pages.size(1) >= 1 && pages.size(1) <= (int64_t{1} << 28), "kvcompress: ",
-                    name, " must have between 1 and 2^28 elements per page, got ", pages.size(1));
+                    name, " must have between 1 and 2^28 elements per page, got ", num(pages.size(1)));
   TORCH_CHECK_VALUE(pages.stride(1) == 1 && pages.stride(0) >= pages.size(1), "kvcompress: ",
                     name, " pages must each be contiguous (strides (>= elems_per_page, 1)), got ",
                     dims(pages.strides()));
@@ -40,8 +49,8 @@ void check_vector(const at::Tensor& t, at::ScalarType dtype, int64_t numel,
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "kvcompress: ", name, " must be ", dtype, ", got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.is_contiguous(), "kvcompress: ", name, " must be contiguous");
-  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "kvcompress: ", name, " must have ", numel,
-                    " elements, got ", t.numel());
+  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "kvcompress: ", name, " must have ", num(numel),
+                    " elements, got ", num(t.numel()));
   TORCH_CHECK_VALUE(t.device() == like.device(), "kvcompress: ", name, " is on ", t.device(),
                     " but the pages are on ", like.device());
 }
@@ -55,16 +64,16 @@ void check_compress(const at::Tensor& src, const at::Tensor& page_ids, double eb
   check_pages(src, "src");
   TORCH_CHECK_VALUE(page_ids.dim() == 1, "kvcompress: page_ids must be 1-D");
   check_vector(page_ids, at::kLong, -1, src, "page_ids");
-  TORCH_CHECK_VALUE(std::isfinite(eb) && eb > 0.0, "kvcompress: the error bound must be finite and > 0, got ", eb);
+  TORCH_CHECK_VALUE(std::isfinite(eb) && eb > 0.0, "kvcompress: the error bound must be finite and > 0, got ", num(eb));
   TORCH_CHECK_VALUE(mode >= kFixed && mode <= kOutlier,
-                    "kvcompress: mode must be 0 (fixed), 1 (plain) or 2 (outlier), got ", mode);
+                    "kvcompress: mode must be 0 (fixed), 1 (plain) or 2 (outlier), got ", num(mode));
   TORCH_CHECK_VALUE(rows >= 1 && rows <= kMaxRows && src.size(1) % rows == 0,
                     "kvcompress: rows must be in [1, 65535] and divide elems_per_page (",
-                    src.size(1), "), got ", rows);
+                    num(src.size(1)), "), got ", num(rows));
   const int64_t bound = page_ids.numel() * record_bound(src.size(1), src.element_size());
   check_vector(out, at::kByte, -1, src, "out");
   TORCH_CHECK_VALUE(out.dim() == 1 && out.numel() >= bound, "kvcompress: out must be a 1-D uint8 "
-                    "buffer of at least compress_bound() = ", bound, " bytes, got ", out.numel());
+                    "buffer of at least compress_bound() = ", num(bound), " bytes, got ", num(out.numel()));
   TORCH_CHECK_VALUE(out.numel() < (int64_t{1} << 62), "kvcompress: out is too large");
   check_vector(page_table, at::kLong, page_ids.numel() * 3, src, "page_table");
   TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.size(1) == 3,
@@ -80,7 +89,7 @@ void check_decompress(const at::Tensor& buf, const at::Tensor& page_table, const
   check_vector(dst_page_ids, at::kLong, -1, dst, "dst_page_ids");
   const int64_t num = dst_page_ids.numel();
   TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.size(0) == num && page_table.size(1) >= 2,
-                    "kvcompress: page_table must have shape (", num, ", >= 2), got ",
+                    "kvcompress: page_table must have shape (", std::to_string(num), ", >= 2), got ",
                     dims(page_table.sizes()));
   check_vector(page_table, at::kLong, -1, dst, "page_table");
   check_vector(status, at::kInt, num, dst, "status");
