@@ -150,6 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 counters["bytes_stored"], 1)
             entry["host_tokens"] = int(capacity / max(mean_block, 1) * BLOCK)
         results["configs"][mode] = entry
+        # Written after every configuration, so a run cut short still reports.
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
         del llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -233,8 +235,8 @@ def main() -> None:
     parser.add_argument("--attention-backend", default=None,
                         help="vLLM attention backend (default: vLLM's choice)")
     args = parser.parse_args()
-    results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = run(args)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     plot(results, args.out.with_suffix(".png"))
     print_table(results)

@@ -124,7 +124,7 @@ vllm_phase() {
   grep -E "passed|failed|PASSED|FAILED|Error|error:|default bound" "$OUT/pytest_offload.log" \
     | tail -15
   timeout "${OFFLOAD_TIMEOUT_S:-240}" python3 benchmarks/benchmark_offload.py \
-    --out "$OUT/offload" --repeats "${OFFLOAD_REPEATS:-2}" \
+    --out "$OUT/offload" --repeats "${OFFLOAD_REPEATS:-2}" --enforce-eager \
     --attention-backend "$KVCOMPRESS_ATTENTION_BACKEND" \
     > "$OUT/benchmark_offload.log" 2>&1 || status=1
   grep -v "offload configs" "$OUT/benchmark_offload.log" | tail -12
