@@ -24,7 +24,7 @@ CI exercises it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -221,23 +221,14 @@ class CompressedOffloadingWorker(OffloadingWorker):
     def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec,
                      dst_spec: LoadStoreSpec) -> bool:
         assert isinstance(dst_spec, ArenaLoadStoreSpec)
-        blocks = _split_groups(src_spec, len(self.group_tensors))
-        assert sum(len(b) for b in blocks) == len(dst_spec), (
-            "compressed offloading needs one GPU block per offloaded block "
-            "(blocks_per_chunk = 1)")
         stream = self._store_stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self._dev.device))
         with _on(stream), _nvtx("kvcompress.store"):
             start = self._dev.event(stream)
             results: list[tuple[torch.Tensor, np.ndarray]] = []
-            first = 0
-            for group, block_ids in enumerate(blocks):
-                offsets = dst_spec.offsets[first:first + len(block_ids)]
-                first += len(block_ids)
-                for lo, hi in self._chunks(len(block_ids), self.reserve_bytes(group)):
-                    host = self._store_chunk(group, block_ids[lo:hi], offsets[lo:hi])
-                    results.append((host, offsets[lo:hi]))
+            for group, block_ids, offsets in self._chunks(src_spec, dst_spec):
+                results.append((self._store_chunk(group, block_ids, offsets), offsets))
             end = self._dev.event(stream)
 
         def finish() -> TransferResult:
@@ -256,23 +247,15 @@ class CompressedOffloadingWorker(OffloadingWorker):
     def submit_load(self, job_id: int, src_spec: LoadStoreSpec,
                     dst_spec: GPULoadStoreSpec) -> bool:
         assert isinstance(src_spec, ArenaLoadStoreSpec)
-        blocks = _split_groups(dst_spec, len(self.group_tensors))
-        assert sum(len(b) for b in blocks) == len(src_spec), (
-            "compressed offloading needs one GPU block per offloaded block "
-            "(blocks_per_chunk = 1)")
         stream = self._load_stream
         with _on(stream), _nvtx("kvcompress.load"):
             start = self._dev.event(stream)
             results: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
             loaded = 0
-            first = 0
-            for group, block_ids in enumerate(blocks):
-                offsets = src_spec.offsets[first:first + len(block_ids)]
-                first += len(block_ids)
-                for lo, hi in self._chunks(len(block_ids), self.reserve_bytes(group)):
-                    host, nbytes = self._load_chunk(group, block_ids[lo:hi], offsets[lo:hi])
-                    results.append((host, block_ids[lo:hi], offsets[lo:hi]))
-                    loaded += nbytes
+            for group, block_ids, offsets in self._chunks(dst_spec, src_spec):
+                host, nbytes = self._load_chunk(group, block_ids, offsets)
+                results.append((host, block_ids, offsets))
+                loaded += nbytes
             end = self._dev.event(stream)
 
         def finish() -> TransferResult:
@@ -285,7 +268,6 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 if failed.any():
                     self.failed_loads.setdefault(job_id, []).extend(
                         int(o) for o in offsets[failed])
-                if failed.any():
                     logger.warning("%d offloaded KV blocks failed their checks on reload; "
                                    "they will be recomputed", int(failed.sum()))
             return TransferResult(job_id=job_id, success=True, transfer_size=loaded,
@@ -462,9 +444,21 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 self._load_staging = buf
         return buf[:max(nbytes, 16)]
 
-    def _chunks(self, num_blocks: int, block_bytes: int) -> list[tuple[int, int]]:
-        step = max(1, self._staging_bytes // max(block_bytes, 1))
-        return [(lo, min(lo + step, num_blocks)) for lo in range(0, num_blocks, step)]
+    def _chunks(self, gpu_spec: GPULoadStoreSpec, arena_spec: ArenaLoadStoreSpec,
+                ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(group, GPU block ids, arena offsets)`` in pieces that fit the staging
+        buffer; the specs list the same blocks in the same order."""
+        blocks = _split_groups(gpu_spec, len(self.group_tensors))
+        assert sum(len(b) for b in blocks) == len(arena_spec), (
+            "compressed offloading needs one GPU block per offloaded block "
+            "(blocks_per_chunk = 1)")
+        first = 0
+        for group, block_ids in enumerate(blocks):
+            offsets = arena_spec.offsets[first:first + len(block_ids)]
+            first += len(block_ids)
+            step = max(1, self._staging_bytes // max(self.reserve_bytes(group), 1))
+            for lo in range(0, len(block_ids), step):
+                yield group, block_ids[lo:lo + step], offsets[lo:lo + step]
 
     def _push(self, job: _Job) -> None:
         self._jobs.append(job)
