@@ -117,6 +117,9 @@ def test_serve_help_lists_the_flags(monkeypatch: pytest.MonkeyPatch,
     from vllm.entrypoints.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["vllm", "serve", "--help=KV compression"])
+    # The CLI sets this for its process; keep it from leaking into later tests,
+    # where it would change how vLLM starts its engine.
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code in (0, None)
