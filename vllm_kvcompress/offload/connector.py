@@ -55,7 +55,6 @@ class CompressedWorkerMetadata(OffloadingWorkerMetadata):
 
     store_reports: dict[int, dict[int, tuple[int, int, int]]] = field(default_factory=dict)
     failed_loads: dict[int, list[int]] = field(default_factory=dict)
-    codec_seconds: float = 0.0
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, OffloadingWorkerMetadata)
@@ -67,7 +66,6 @@ class CompressedWorkerMetadata(OffloadingWorkerMetadata):
             transfer_stats=self.transfer_stats.aggregate(other.transfer_stats),
             store_reports={job: dict(r) for job, r in self.store_reports.items()},
             failed_loads={job: list(o) for job, o in self.failed_loads.items()},
-            codec_seconds=self.codec_seconds,
         )
         if isinstance(other, CompressedWorkerMetadata):
             for job_id, reports in other.store_reports.items():
@@ -77,7 +75,6 @@ class CompressedWorkerMetadata(OffloadingWorkerMetadata):
                                     if offset in mine else report)
             for job_id, offsets in other.failed_loads.items():
                 merged.failed_loads.setdefault(job_id, []).extend(offsets)
-            merged.codec_seconds += other.codec_seconds
         return merged
 
 
@@ -101,7 +98,6 @@ class CompressedOffloadingConnectorWorker(OffloadingConnectorWorker):
         worker = self.worker
         reports = getattr(worker, "store_reports", {})
         failed = getattr(worker, "failed_loads", {})
-        seconds = getattr(worker, "codec_seconds", 0.0)
         if base is None and not reports and not failed:
             return None
         base = base or OffloadingWorkerMetadata()
@@ -110,10 +106,9 @@ class CompressedOffloadingConnectorWorker(OffloadingConnectorWorker):
             transfer_stats=base.transfer_stats,
             store_reports=reports,
             failed_loads=failed,
-            codec_seconds=seconds,
         )
         if worker is not None:
-            worker.store_reports, worker.failed_loads, worker.codec_seconds = {}, {}, 0.0
+            worker.store_reports, worker.failed_loads = {}, {}
         return meta
 
 
@@ -134,8 +129,6 @@ class CompressedOffloadingConnectorScheduler(OffloadingConnectorScheduler):
             for job_id, offsets in meta.failed_loads.items():
                 if job_id >= live:
                     manager.record_failed_loads(offsets)
-            if meta.codec_seconds:
-                manager.record_codec_seconds(meta.codec_seconds)
         super().update_connector_output(connector_output)
 
 

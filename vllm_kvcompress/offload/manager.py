@@ -144,9 +144,6 @@ class CompressedCPUOffloadingManager(OffloadingManager):
                 if key not in self._readers:
                     self._drop(key)
 
-    def record_codec_seconds(self, seconds: float) -> None:
-        self._stats.increase_counter(CompressionMetrics.CODEC_SECONDS, seconds)
-
     # --- OffloadingManager ---
 
     @override

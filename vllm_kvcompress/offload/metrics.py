@@ -4,7 +4,9 @@ They ride on vLLM's offloading-connector metrics: the spec declares them
 (:func:`metric_definitions`), the scheduler-side manager fills an
 ``OffloadingConnectorStats`` each step, and ``vllm serve`` exports them with the
 engine's labels. Counters count events since the previous step; gauges are
-snapshots of the host cache.
+snapshots of the host cache. Transfer bytes and times (compression and
+decompression included) are vLLM's own ``vllm:kv_offload_{store,load}_{bytes,time}``,
+fed from each job's ``TransferResult``.
 """
 
 from vllm.v1.kv_offload.base import (
@@ -28,7 +30,6 @@ class CompressionMetrics:
     STORES_SKIPPED_FULL = "vllm:kv_offload_stores_skipped_arena_full"
     STORES_FAILED = "vllm:kv_offload_stores_failed"
     LOADS_FAILED = "vllm:kv_offload_loads_failed"
-    CODEC_SECONDS = "vllm:kv_offload_codec_seconds"
     UNCOMPRESSED_BYTES_STORED = "vllm:kv_offload_uncompressed_bytes_stored"
     COMPRESSED_BYTES_STORED = "vllm:kv_offload_compressed_bytes_stored"
 
@@ -58,9 +59,6 @@ def metric_definitions() -> dict[str, OffloadingMetricMetadata]:
         m.LOADS_FAILED: counter(
             "KV blocks whose reload failed its checks (checksum, format); they were "
             "recomputed and dropped from the host cache."),
-        m.CODEC_SECONDS: counter(
-            "GPU seconds spent compressing and writing, or reading and decompressing, "
-            "offloaded KV (summed over ranks)."),
         m.UNCOMPRESSED_BYTES_STORED: counter("Uncompressed KV bytes of the blocks stored."),
         m.COMPRESSED_BYTES_STORED: counter("Bytes written to the host arena by stores."),
     }

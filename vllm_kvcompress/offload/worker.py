@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -146,11 +146,11 @@ class WorkerCounters:
 @dataclass
 class _Job:
     job_id: int
-    is_store: bool
     start: torch.cuda.Event | None
     end: torch.cuda.Event | None
+    # Reads the job's pinned report buffers once ``end`` has fired; holding them
+    # in its closure also keeps them alive until then.
     finish: Callable[[], TransferResult]
-    keep_alive: list[torch.Tensor] = field(default_factory=list)
 
     def done(self) -> bool:
         return self.end is None or self.end.query()
@@ -190,22 +190,21 @@ class CompressedOffloadingWorker(OffloadingWorker):
                               for refs in kv_caches.group_data_refs]
         self.arena = self._dev.host_buffer((arena_bytes,), torch.uint8)
         self._staging_bytes = staging_bytes
-        self._store_staging = torch.empty(0, dtype=torch.uint8, device=device)
-        self._load_staging = torch.empty(0, dtype=torch.uint8, device=device)
+        # GPU staging per direction (True = store), grown on demand.
+        self._staging_buffers = {
+            store: torch.empty(0, dtype=torch.uint8, device=device) for store in (True, False)
+        }
         self._store_stream = self._dev.new_stream()
         self._load_stream = self._dev.new_stream()
         # arena offset -> record sizes of the block's pages on this rank
         self._records: dict[int, np.ndarray] = {}
         self._jobs: deque[_Job] = deque()
-        self._job_events: dict[int, torch.cuda.Event | None] = {}
-        self._finished: list[TransferResult] = []
         # Reports for the scheduler, drained by the connector each step:
         # job id -> {arena offset: (bytes written, raw pages, checksum)}, bytes 0 = failed.
         self.store_reports: dict[int, dict[int, tuple[int, int, int]]] = {}
         # job id -> arena offsets of blocks whose reload failed its checks
         self.failed_loads: dict[int, list[int]] = {}
         self.failed_load_block_ids: set[int] = set()
-        self.codec_seconds = 0.0
         self.counters = WorkerCounters()
         self._raw_bytes_per_block = self.raw_block_bytes(0)
 
@@ -240,8 +239,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
             return TransferResult(job_id=job_id, success=True, transfer_size=stored,
                                   transfer_time=job.seconds())
 
-        job = _Job(job_id, True, start, end, finish, [r[0] for r in results])
-        self._push(job)
+        job = _Job(job_id, start, end, finish)
+        self._jobs.append(job)
         return True
 
     def submit_load(self, job_id: int, src_spec: LoadStoreSpec,
@@ -273,28 +272,26 @@ class CompressedOffloadingWorker(OffloadingWorker):
             return TransferResult(job_id=job_id, success=True, transfer_size=loaded,
                                   transfer_time=job.seconds())
 
-        job = _Job(job_id, False, start, end, finish, [r[0] for r in results])
-        self._push(job)
+        job = _Job(job_id, start, end, finish)
+        self._jobs.append(job)
         return True
 
     def get_finished(self) -> list[TransferResult]:
+        finished = []
         while self._jobs and self._jobs[0].done():
-            self._complete(self._jobs.popleft())
-        finished, self._finished = self._finished, []
+            finished.append(self._jobs.popleft().finish())
         return finished
 
     def wait(self, job_ids: set[int]) -> None:
-        for job_id in job_ids:
-            event = self._job_events.get(job_id)
-            if event is not None:
-                event.synchronize()
+        for job in self._jobs:
+            if job.job_id in job_ids and job.end is not None:
+                job.end.synchronize()
 
     def shutdown(self) -> None:
         for job in self._jobs:
             if job.end is not None:
                 job.end.synchronize()
         self._jobs.clear()
-        self._job_events.clear()
         self._records.clear()
 
     # --- store ---
@@ -406,14 +403,14 @@ class CompressedOffloadingWorker(OffloadingWorker):
         ops.copy_segments(self.arena, seg[0], staging, seg[1], seg[2], seg_status)
         failed = (seg_status != 0) | torch.from_numpy(missing).to(device, non_blocking=True)
         rec_starts = starts[:, None] + np.cumsum(sizes, 1) - sizes
+        # (offset, nbytes) of every record of the chunk, sent in one copy.
+        records = torch.from_numpy(np.stack([rec_starts, sizes], 2)).to(device, non_blocking=True)
         ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
         col = 0
         for t, k in zip(tensors, per_block):
             layout = self.layouts[t]
             if self.compressible:
-                table = torch.from_numpy(np.stack(
-                    [rec_starts[:, col:col + k].reshape(-1), sizes[:, col:col + k].reshape(-1)],
-                    1)).to(device, non_blocking=True)
+                table = records[:, col:col + k].reshape(-1, 2)
                 dst_ids = (ids[:, None] * k + torch.arange(k, device=device)).reshape(-1)
                 status = torch.empty(n * k, dtype=torch.int32, device=device)
                 ops.decompress(staging, table, layout.pages, dst_ids, status)
@@ -421,7 +418,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
             else:
                 dst = layout.raw_offset + ids * layout.raw_stride
                 status = torch.empty(n, dtype=torch.int32, device=device)
-                src = torch.from_numpy(rec_starts[:, col].copy()).to(device, non_blocking=True)
+                src = records[:, col, 0].contiguous()
                 length = torch.full((n,), layout.block_bytes, dtype=torch.int64, device=device)
                 ops.copy_segments(staging, src, layout.raw, dst, length, status)
                 failed |= status != 0
@@ -435,14 +432,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
     def _staging(self, nbytes: int, store: bool) -> torch.Tensor:
         # Grown on the side stream that uses it, so the caching allocator only
         # recycles the old buffer after that stream's earlier work.
-        buf = self._store_staging if store else self._load_staging
+        nbytes = max(nbytes, 16)
+        buf = self._staging_buffers[store]
         if buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=self._dev.device)
-            if store:
-                self._store_staging = buf
-            else:
-                self._load_staging = buf
-        return buf[:max(nbytes, 16)]
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self._dev.device)
+            self._staging_buffers[store] = buf
+        return buf[:nbytes]
 
     def _chunks(self, gpu_spec: GPULoadStoreSpec, arena_spec: ArenaLoadStoreSpec,
                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -459,17 +454,6 @@ class CompressedOffloadingWorker(OffloadingWorker):
             step = max(1, self._staging_bytes // max(self.reserve_bytes(group), 1))
             for lo in range(0, len(block_ids), step):
                 yield group, block_ids[lo:lo + step], offsets[lo:lo + step]
-
-    def _push(self, job: _Job) -> None:
-        self._jobs.append(job)
-        self._job_events[job.job_id] = job.end
-
-    def _complete(self, job: _Job) -> None:
-        result = job.finish()
-        if result.transfer_time is not None:
-            self.codec_seconds += result.transfer_time
-        self._job_events.pop(job.job_id, None)
-        self._finished.append(result)
 
 
 def _split_groups(spec: GPULoadStoreSpec, num_groups: int) -> list[np.ndarray]:
