@@ -143,10 +143,31 @@ def test_non_finite_pages_are_stored_raw_and_restored_exactly() -> None:
     offsets = reserve_offsets(worker, 1)
     reports = store(worker, 0, [2], offsets)
     assert reports[offsets[0]][1] == 1, "exactly the NaN page is stored raw"
+    assert worker.counters.raw_pages_non_finite == 1
+    assert worker.counters.raw_pages_bound_unattainable == worker.counters.raw_pages_no_gain == 0
     for c in caches:
         c.zero_()
     assert load(worker, 1, offsets, [2]) == set()
     assert torch.equal(caches[1][2, 0].view(torch.int16), original[1][2, 0].view(torch.int16))
+
+
+def test_bound_finer_than_the_dtype_stores_raw_counts_and_warns(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caches = make_kv(torch.bfloat16)
+    original = [c.clone() for c in caches]
+    # bf16 rounds to 2^-8 of a value; 1e-4 of a page's range is below that.
+    worker = make_worker(caches, CodecConfig(1e-4, True, CodecMode.PLAIN))
+    offsets = reserve_offsets(worker, 2)
+    with caplog.at_level("WARNING"):
+        store(worker, 0, [3, 6], offsets)
+    pages = 2 * LAYERS * 2
+    assert worker.counters.raw_pages == worker.counters.raw_pages_bound_unattainable == pages
+    assert "raise --compression-error-bound" in caplog.text
+    for c in caches:
+        c.zero_()
+    assert load(worker, 1, offsets, [3, 6]) == set()
+    for c, o in zip(caches, original):
+        assert torch.equal(c[[3, 6]].view(torch.int16), o[[3, 6]].view(torch.int16))
 
 
 @pytest.mark.parametrize("where", ["header", "payload", "last_byte"])

@@ -5,7 +5,10 @@ recomputed instead of served, and ``vllm serve --enable-compression`` answers.
 ``$KVCOMPRESS_ATTENTION_BACKEND`` picks vLLM's attention backend (e.g.
 FLASH_ATTN, TRITON_ATTN). The model is ``$KVCOMPRESS_TEST_MODEL`` (a trained model; see
 benchmarks/train_tiny_llama.py), else a small random-weight Llama written to a
-temporary folder. The GPU KV cache is kept to a few prompts so that later prompts
+temporary folder; ``$KVCOMPRESS_TEST_PROMPTS`` is a JSON list of token-id lists
+(held-out text for the trained model), else random tokens. A random-weight model's
+next-token logits are nearly tied, so a reused prefix alone (another split of the
+same arithmetic) can flip a greedy token: the equality tests need the trained model. The GPU KV cache is kept to a few prompts so that later prompts
 evict earlier ones from the GPU and a repeated prompt must come back from the host.
 """
 
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +42,29 @@ def _counters(worker_self: object) -> dict:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     return asdict(get_kv_transfer_group().connector_worker.worker.counters)
+
+
+def _page_report(worker_self: object) -> dict:
+    """What the codec makes of the pages now in the GPU KV cache (first 512), to
+    tell apart a codec problem from KV values the bound cannot serve."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    from vllm_kvcompress.codec import compress_pages
+
+    worker = get_kv_transfer_group().connector_worker.worker
+    pages = worker.layouts[0].pages
+    if pages is None:
+        return {"pages": None}
+    n = min(pages.shape[0], 512)
+    values = pages[:n].float()
+    amax = values.abs().amax(1)
+    table = compress_pages(pages, torch.arange(n, device=pages.device), worker.codec).table
+    return {"shape": list(pages.shape), "stride": list(pages.stride()),
+            "dtype": str(pages.dtype), "status_counts": torch.bincount(
+                table[:, 2], minlength=5).tolist(),
+            "non_finite_pages": int((~torch.isfinite(values).all(1)).sum()),
+            "zero_pages": int((amax == 0).sum()), "median_amax": float(amax.median()),
+            "median_range": float((values.amax(1) - values.amin(1)).median())}
 
 
 def _corrupt_every_block(worker_self: object) -> int:
@@ -80,6 +107,11 @@ def make_llm(model: str, dtype: str = "bfloat16", **kwargs: object):
 
 
 def prompts(n: int, vocab: int = 4000) -> list[dict]:
+    held_out = os.environ.get("KVCOMPRESS_TEST_PROMPTS")
+    if held_out:
+        windows = json.loads(Path(held_out).read_text())
+        assert len(windows) >= n and all(len(w) >= PROMPT_TOKENS for w in windows[:n])
+        return [{"prompt_token_ids": w[:PROMPT_TOKENS]} for w in windows[:n]]
     gen = torch.Generator().manual_seed(1)
     return [{"prompt_token_ids": torch.randint(10, vocab, (PROMPT_TOKENS,),
                                                generator=gen).tolist()} for _ in range(n)]
@@ -102,11 +134,23 @@ def free(llm) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir: str) -> list[list[int]]:
-    llm = make_llm(model_dir)
-    out = greedy(llm, prompts(4))
-    free(llm)
-    return out
+def references(model_dir: str) -> Callable[[str], list[list[int]]]:
+    """Greedy outputs without offloading, per model dtype, computed once."""
+    done: dict[str, list[list[int]]] = {}
+
+    def get(dtype: str) -> list[list[int]]:
+        if dtype not in done:
+            llm = make_llm(model_dir, dtype=dtype)
+            done[dtype] = greedy(llm, prompts(4))
+            free(llm)
+        return done[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references: Callable[[str], list[list[int]]]) -> list[list[int]]:
+    return references("bfloat16")
 
 
 def run_with_compression(model_dir: str, error_bound: float, corrupt: bool = False,
@@ -122,26 +166,33 @@ def run_with_compression(model_dir: str, error_bound: float, corrupt: bool = Fal
         assert sum(llm.collective_rpc(_corrupt_every_block)) > 0
     second = greedy(llm, batch)
     counters = llm.collective_rpc(_counters)[0]
+    counters["pages"] = llm.collective_rpc(_page_report)[0]
+    print(f"error bound {error_bound} ({dtype}): {counters}")
     free(llm)
     return first, second, counters
 
 
 def test_tiny_bound_matches_no_offloading_and_reloads(
-        model_dir: str, reference: list[list[int]]) -> None:
-    first, second, counters = run_with_compression(model_dir, error_bound=1e-4)
+        model_dir: str, references: Callable[[str], list[list[int]]]) -> None:
+    # fp16 keeps 11 significant bits, so a relative bound of 1e-3 is attainable and
+    # the lossy path runs (in bf16 it would store every page raw).
+    reference = references("float16")
+    first, second, counters = run_with_compression(model_dir, error_bound=1e-3,
+                                                   dtype="float16")
     assert first == reference
-    assert second == reference
-    assert counters["blocks_stored"] >= 4 * PROMPT_TOKENS // BLOCK - 4
+    assert counters["bytes_stored"] < counters["raw_bytes_stored"], counters
+    assert counters["blocks_stored"] >= 4 * PROMPT_TOKENS // BLOCK - 4, counters
     assert counters["blocks_loaded"] > 0, "the second pass must reload from the host"
-    assert counters["failed_loads"] == 0
+    assert counters["failed_loads"] == 0, counters
+    assert second == reference
 
 
 def test_default_bound_compresses_and_reloads(model_dir: str,
                                               reference: list[list[int]]) -> None:
     first, second, counters = run_with_compression(model_dir, error_bound=1e-2)
     assert first == reference, "the first pass computes everything itself"
-    assert counters["blocks_loaded"] > 0
-    assert counters["bytes_stored"] < counters["raw_bytes_stored"], "blocks were compressed"
+    assert counters["blocks_loaded"] > 0, counters
+    assert counters["bytes_stored"] < counters["raw_bytes_stored"], counters
     matching = sum(a == b for a, b in zip(second, reference))
     print(f"default bound: {matching}/{len(reference)} continuations identical, ratio "
           f"{counters['raw_bytes_stored'] / max(counters['bytes_stored'], 1):.2f}")
@@ -149,7 +200,7 @@ def test_default_bound_compresses_and_reloads(model_dir: str,
 
 def test_damaged_blocks_are_recomputed_not_served(model_dir: str,
                                                   reference: list[list[int]]) -> None:
-    first, second, counters = run_with_compression(model_dir, error_bound=1e-4, corrupt=True)
+    first, second, counters = run_with_compression(model_dir, error_bound=1e-2, corrupt=True)
     assert counters["failed_loads"] > 0, "the damage must be detected"
     assert second == reference, "recomputed KV gives the reference output"
 

@@ -54,6 +54,10 @@ logger = init_logger(__name__)
 # profiler never saw; larger jobs run as several chunks through the same buffer.
 DEFAULT_STAGING_BYTES = 64 << 20
 _CHECKSUM_WORD = 7  # header bytes 28..31 (docs/format.md)
+_RAW_REASONS = (CompressStatus.RAW_NON_FINITE, CompressStatus.RAW_BOUND_UNATTAINABLE,
+                CompressStatus.RAW_NO_GAIN)
+# Store report columns before the record sizes: bytes, raw pages, checksum, reasons.
+_REPORT_COLUMNS = 3 + len(_RAW_REASONS)
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,10 @@ class WorkerCounters:
     bytes_stored: int = 0
     raw_bytes_stored: int = 0
     raw_pages: int = 0
+    # Why pages went raw (CompressStatus 1..3); uncompressible dtypes count in raw_pages only.
+    raw_pages_non_finite: int = 0
+    raw_pages_bound_unattainable: int = 0
+    raw_pages_no_gain: int = 0
     blocks_loaded: int = 0
     bytes_loaded: int = 0
     failed_loads: int = 0
@@ -206,6 +214,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         self.failed_loads: dict[int, list[int]] = {}
         self.failed_load_block_ids: set[int] = set()
         self.counters = WorkerCounters()
+        self._warned_unattainable = False
         self._raw_bytes_per_block = self.raw_block_bytes(0)
 
     def reserve_bytes(self, group: int) -> int:
@@ -299,12 +308,14 @@ class CompressedOffloadingWorker(OffloadingWorker):
     def _store_chunk(self, group: int, block_ids: np.ndarray,
                      offsets: np.ndarray) -> torch.Tensor:
         """Compresses and writes one chunk of blocks; returns the pinned report,
-        per block ``[bytes written (0 = failed), raw pages, checksum, record sizes...]``."""
+        per block ``[bytes written (0 = failed), raw pages, checksum, raw pages per
+        reason (_RAW_REASONS)..., record sizes...]``."""
         n = len(block_ids)
         device = self._dev.device
         staging = self._staging(n * self.reserve_bytes(group), store=True)
         ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
         seg_src, seg_len, rec_sizes, raw_pages, checksums = [], [], [], [], []
+        reasons = torch.zeros((n, len(_RAW_REASONS)), dtype=torch.int64, device=device)
         base = 0
         for t in self.group_tensors[group]:
             layout = self.layouts[t]
@@ -319,9 +330,10 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 seg_src.append(base + table[::k, 0])
                 seg_len.append(sizes.sum(1))
                 rec_sizes.append(sizes)
-                is_raw = (table[:, 2] >= CompressStatus.RAW_NON_FINITE) & (
-                    table[:, 2] <= CompressStatus.RAW_NO_GAIN)
-                raw_pages.append(is_raw.view(n, k).sum(1))
+                per_reason = torch.stack(
+                    [(table[:, 2] == int(r)).view(n, k).sum(1) for r in _RAW_REASONS], 1)
+                reasons += per_reason
+                raw_pages.append(per_reason.sum(1))
                 words = staging.view(torch.int32)[(base + table[:, 0]) // 4 + _CHECKSUM_WORD]
                 checksums.append(words.to(torch.int64).view(n, k).sum(1))
                 base += n * layout.reserve_bytes
@@ -353,6 +365,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
             (lengths.sum(1) * ok)[:, None],
             torch.stack(raw_pages, 1).sum(1, keepdim=True),
             (torch.stack(checksums, 1).sum(1, keepdim=True) & 0xFFFFFFFF),
+            reasons,
             torch.cat(rec_sizes, 1),
         ], 1)
         host = self._dev.host_buffer(tuple(report.shape), torch.int64)
@@ -366,14 +379,31 @@ class CompressedOffloadingWorker(OffloadingWorker):
             nbytes = int(row[0])
             reports[int(offset)] = (nbytes, int(row[1]), int(row[2]))
             if nbytes > 0:
-                self._records[int(offset)] = row[3:].copy()
+                self._records[int(offset)] = row[_REPORT_COLUMNS:].copy()
                 written += nbytes
                 self.counters.blocks_stored += 1
                 self.counters.raw_pages += int(row[1])
+                self._count_raw_reasons(row[3:_REPORT_COLUMNS])
                 self.counters.raw_bytes_stored += self._raw_bytes_per_block
             else:
                 self._records.pop(int(offset), None)
         return written
+
+    def _count_raw_reasons(self, per_reason: np.ndarray) -> None:
+        c = self.counters
+        c.raw_pages_non_finite += int(per_reason[0])
+        c.raw_pages_bound_unattainable += int(per_reason[1])
+        c.raw_pages_no_gain += int(per_reason[2])
+        if per_reason[1] and not self._warned_unattainable:
+            # The usual cause is a bound finer than the dtype's own rounding (bf16 keeps
+            # 8 significant bits), which silently turns compression off.
+            self._warned_unattainable = True
+            logger.warning(
+                "Some KV pages are stored uncompressed because the error bound %g%s is "
+                "finer than %s can represent for their values; raise "
+                "--compression-error-bound (docs/tuning.md) to compress them",
+                self.codec.error_bound, " (relative)" if self.codec.relative else "",
+                self.layouts[0].pages.dtype if self.layouts[0].pages is not None else "the dtype")
 
     # --- load ---
 
