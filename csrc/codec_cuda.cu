@@ -1,7 +1,8 @@
 // CUDA kernels of the page codec (docs/format.md); byte-identical to codec_cpu.cpp.
 //
-// One thread block (CTA) codes one page. The page is staged in shared memory, so
-// the column-major stream order costs nothing extra, and each warp codes one
+// One thread block (CTA) codes one page. The page is staged in shared memory (rows
+// padded against bank conflicts, see PageGeometry), so the column-major stream
+// order costs next to nothing, and each warp codes one
 // 32-value block at a time: lane i holds value i, a warp OR gives the width and
 // one ballot per bit gives each bit-plane word. Compression finds each page's
 // output offset with a single-pass decoupled look-back over the pages before it,
@@ -14,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include <cuda/atomic>
+#include <string>
 
 #include "codec_common.h"
 #include "ops.h"
@@ -64,8 +66,79 @@ struct SharedLayout {
   __host__ __device__ uint32_t total() const { return stage_at() + round_up(3 * num_blocks, 16); }
 };
 
-__host__ __device__ SharedLayout shared_layout(uint32_t n, int elem_bytes) {
-  return SharedLayout{round_up(n * elem_bytes, 16), (n + kBlockValues - 1) / kBlockValues};
+// Division by a divisor fixed for a page, as a multiply-high and a shift: the
+// run-time integer division it replaces in the stream-order index cost about as
+// much as the rest of a value's coding. Exact for dividends below 2^31.
+struct FastDiv {
+  uint32_t d;
+  uint32_t m;
+  uint32_t shift;
+};
+
+__host__ __device__ inline FastDiv make_fast_div(uint32_t d) {
+  FastDiv f{d, 0, 0};
+  if (d > 1) {
+    uint32_t l = 0;
+    while ((1ull << l) < d) ++l;
+    f.m = static_cast<uint32_t>(((1ull << (31 + l)) + d - 1) / d);
+    f.shift = l - 1;
+  }
+  return f;
+}
+
+__device__ __forceinline__ uint32_t fast_div(const FastDiv& f, uint32_t x) {
+  return f.d == 1 ? x : __umulhi(x, f.m) >> f.shift;
+}
+
+// Where a page lives in shared memory: its rows (memory order) `pitch` elements
+// apart. The stream reads down columns when rows > 1, so one warp's 32 reads hit
+// up to 32 rows; with a row length that is a multiple of 128 bytes they would all
+// fall in one bank and serialise. A padded pitch of an odd number of words spreads
+// them over the banks. Padding needs 16-byte aligned rows (the page is staged in
+// 16-byte chunks) and is skipped for short rows, where it would cost too much space.
+struct PageGeometry {
+  FastDiv rows;        // stream position -> column (quotient) and row (remainder)
+  FastDiv row_chunks;  // 16-byte chunk of the page -> row, when padded
+  uint32_t pitch;      // elements from one row to the next in shared memory
+  bool padded;
+};
+
+__host__ __device__ inline PageGeometry page_geometry(uint32_t n, uint32_t rows, int elem_bytes,
+                                                      bool aligned) {
+  const uint32_t cols = n / rows, row_bytes = cols * elem_bytes;
+  const bool padded = aligned && rows > 1 && row_bytes % 16 == 0 && row_bytes >= 64;
+  return PageGeometry{make_fast_div(rows), make_fast_div(padded ? row_bytes / 16 : 1),
+                      padded ? cols + 4 / elem_bytes : cols, padded};
+}
+
+__host__ __device__ inline uint32_t staged_page_bytes(const PageGeometry& g, uint32_t n,
+                                                      int elem_bytes) {
+  return g.padded ? round_up(g.rows.d * g.pitch * elem_bytes, 16)
+                  : round_up(n * elem_bytes, 16);
+}
+
+// Decompression learns `rows` from each page's header, so its shared memory is
+// sized for the largest padded page: padding needs rows of >= 64 bytes, so it
+// adds at most 4 bytes per 64.
+__host__ __device__ inline uint32_t max_staged_page_bytes(uint32_t n, int elem_bytes) {
+  return round_up(n * elem_bytes + n * elem_bytes / 16, 16);
+}
+
+__host__ __device__ SharedLayout shared_layout(uint32_t page_bytes, uint32_t n) {
+  return SharedLayout{page_bytes, (n + kBlockValues - 1) / kBlockValues};
+}
+
+// Shared-memory index of stream position s.
+__device__ __forceinline__ uint32_t staged_index(const PageGeometry& g, uint32_t s) {
+  const uint32_t col = fast_div(g.rows, s);
+  return (s - col * g.rows.d) * g.pitch + col;
+}
+
+// Byte offset in shared memory of the page's 16-byte chunk k (padded pages).
+__device__ __forceinline__ uint32_t staged_chunk_offset(const PageGeometry& g, uint32_t k,
+                                                        int elem_bytes) {
+  const uint32_t row = fast_div(g.row_chunks, k);
+  return row * g.pitch * elem_bytes + (k - row * g.row_chunks.d) * 16;
 }
 
 template <typename T, typename Op>
@@ -171,6 +244,8 @@ struct CompressArgs {
   unsigned int* ticket;
   uint32_t n;
   uint32_t rows;
+  PageGeometry geometry;
+  uint32_t page_smem_bytes;
   double eb;
   bool relative;
   uint8_t mode;
@@ -185,13 +260,14 @@ struct LaneCode {
 
 template <uint8_t Code>
 __device__ LaneCode code_lane(const typename CudaType<Code>::type* page, uint32_t j, int lane,
-                              uint32_t n, uint32_t rows, uint8_t mode, const PageQuant& pq) {
+                              uint32_t n, const PageGeometry& g, uint8_t mode,
+                              const PageQuant& pq) {
   using C = CudaType<Code>;
   const uint32_t s = j * kBlockValues + lane;
   const bool valid = s < n;
   LaneCode c{0, 0, false};
   if (valid) {
-    const float x = C::to_f32(page[memory_index(s, rows, n / rows)]);
+    const float x = C::to_f32(page[staged_index(g, s)]);
     const float p = mul_rn(x, pq.inv);
     if (!(fabsf(p) <= kMaxQuant)) {
       c.bad = true;
@@ -252,7 +328,8 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   __shared__ uint32_t payload_len_s;
   __shared__ uint8_t reason_s;
 
-  const SharedLayout L = shared_layout(a.n, sizeof(T));
+  const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
+  const PageGeometry g = a.geometry;
   T* page = reinterpret_cast<T*>(smem);
   uint8_t* widths = smem + L.widths_at();
   uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
@@ -283,16 +360,38 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   bool nonfinite = false;
   if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0) {
     constexpr int per = 16 / sizeof(T);
-    for (uint32_t i = threadIdx.x; i < page_bytes / 16; i += kThreads) {
-      const uint4 v = reinterpret_cast<const uint4*>(src)[i];
-      reinterpret_cast<uint4*>(smem)[i] = v;
-      const T* e = reinterpret_cast<const T*>(&v);
+    // Several loads in flight per thread before any is used: one at a time leaves
+    // the memory system idle for most of a page's staging.
+    constexpr int kInFlight = 4;
+    const uint32_t chunks = page_bytes / 16;
+    for (uint32_t first = threadIdx.x; first < chunks; first += kThreads * kInFlight) {
+      uint4 v[kInFlight];
 #pragma unroll
-      for (int k = 0; k < per; ++k) {
-        const float f = C::to_f32(e[k]);
-        nonfinite |= !isfinite(f);
-        mx = fmaxf(mx, f);
-        mn = fminf(mn, f);
+      for (int u = 0; u < kInFlight; ++u) {
+        const uint32_t k = first + u * kThreads;
+        if (k < chunks) v[u] = reinterpret_cast<const uint4*>(src)[k];
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const uint32_t k = first + u * kThreads;
+        if (k >= chunks) break;
+        if (g.padded) {
+          uint32_t* d = reinterpret_cast<uint32_t*>(smem + staged_chunk_offset(g, k, sizeof(T)));
+          d[0] = v[u].x;
+          d[1] = v[u].y;
+          d[2] = v[u].z;
+          d[3] = v[u].w;
+        } else {
+          reinterpret_cast<uint4*>(smem)[k] = v[u];
+        }
+        const T* e = reinterpret_cast<const T*>(&v[u]);
+#pragma unroll
+        for (int q = 0; q < per; ++q) {
+          const float f = C::to_f32(e[q]);
+          nonfinite |= !isfinite(f);
+          mx = fmaxf(mx, f);
+          mn = fminf(mn, f);
+        }
       }
     }
   } else {
@@ -306,7 +405,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
     }
   }
   // A raw page's payload is padded to whole words with zeros.
-  if (threadIdx.x < L.page_bytes - page_bytes) smem[page_bytes + threadIdx.x] = 0;
+  if (!g.padded && threadIdx.x < L.page_bytes - page_bytes) smem[page_bytes + threadIdx.x] = 0;
   float* fscratch = reinterpret_cast<float*>(scratch);
   mx = block_reduce(mx, fscratch, [](float x, float y) { return fmaxf(x, y); });
   mn = block_reduce(mn, fscratch, [](float x, float y) { return fminf(x, y); });
@@ -319,7 +418,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   bool bad = pq.raw_reason != 0;
   if (!bad) {
     for (uint32_t j = warp; j < B; j += kWarps) {
-      const LaneCode c = code_lane<Code>(page, j, lane, a.n, a.rows, a.mode, pq);
+      const LaneCode c = code_lane<Code>(page, j, lane, a.n, g, a.mode, pq);
       bad |= c.bad;
       const int f = bit_length(__reduce_or_sync(kFull, static_cast<uint32_t>(abs(c.d))));
       if (lane == 0) {
@@ -365,8 +464,10 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   const uint8_t reason = reason_s;
   uint32_t sum = 0;
   if (reason != 0) {
-    copy_words(payload, smem, payload_len);
-    sum = checksum_words(smem, payload_len, kHeaderChecksumWords);
+    // A padded page is not contiguous in shared memory; its source is (aligned).
+    const uint8_t* raw = g.padded ? src : smem;
+    copy_words(payload, raw, payload_len);
+    sum = checksum_words(raw, payload_len, kHeaderChecksumWords);
   } else {
     const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
     for (uint32_t i = B + threadIdx.x; i < width_bytes; i += kThreads) widths[i] = 0;
@@ -387,7 +488,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
     for (uint32_t j = warp; j < B; j += kWarps) {
       const int f = widths[j] & 31;
       if (f == 0) continue;
-      const LaneCode c = code_lane<Code>(page, j, lane, a.n, a.rows, a.mode, pq);
+      const LaneCode c = code_lane<Code>(page, j, lane, a.n, g, a.mode, pq);
       const uint32_t mag = static_cast<uint32_t>(abs(c.d));
       // Lane 0 keeps the sign word, lane b + 1 the word of bit b.
       uint32_t mine = __ballot_sync(kFull, c.d < 0);
@@ -430,6 +531,10 @@ struct DecompressArgs {
   const int64_t* dst_ids;
   int32_t* status;
   uint32_t n;
+  uint32_t page_smem_bytes;
+  // Destination rows start at 16-byte boundaries and shared memory has room for
+  // padded pages (PageGeometry).
+  bool allow_padding;
 };
 
 // Moves one page between shared memory and its (possibly unaligned) global home.
@@ -491,7 +596,8 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
   __shared__ int64_t offset_s;
   __shared__ int32_t status_s;
 
-  const SharedLayout L = shared_layout(a.n, sizeof(T));
+  __shared__ PageGeometry geometry_s;
+  const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
   T* page = reinterpret_cast<T*>(smem);
   uint8_t* widths = smem + L.widths_at();
   uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
@@ -509,7 +615,12 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
   const uint8_t* payload = a.buf + offset_s + kHeaderBytes;
   const uint32_t sum = block_reduce(checksum_words(payload, h.payload_len, kHeaderChecksumWords),
                                     scratch, [](uint32_t x, uint32_t y) { return x + y; });
-  if (threadIdx.x == 0) status_s = check_payload(h, sum, Code, a.n);
+  if (threadIdx.x == 0) {
+    status_s = check_payload(h, sum, Code, a.n);
+    if (status_s == kOk && !(h.flags & kFlagRaw)) {
+      geometry_s = page_geometry(a.n, h.rows, sizeof(T), a.allow_padding);
+    }
+  }
   __syncthreads();
   if (status_s != kOk) {
     if (threadIdx.x == 0) a.status[idx] = status_s;
@@ -541,7 +652,7 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
 
   const uint8_t* outliers = payload + round_up(B, 4);
   const uint32_t* planes = reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4));
-  const uint32_t cols = a.n / h.rows;
+  const PageGeometry g = geometry_s;
   for (uint32_t j = warp; j < B; j += kWarps) {
     const int f = widths[j] & 31;
     const uint32_t w = (f > 0 && lane <= f) ? planes[words[j] + lane] : 0u;
@@ -562,27 +673,42 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
     }
     const uint32_t s = j * kBlockValues + lane;
     if (s < a.n) {
-      page[memory_index(s, h.rows, cols)] =
+      page[staged_index(g, s)] =
           C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q)), h.step));
     }
   }
   __syncthreads();
-  copy_page<T>(dst, smem, a.n);
+  if (g.padded) {
+    for (uint32_t k = threadIdx.x; k < a.n * sizeof(T) / 16; k += kThreads) {
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(smem + staged_chunk_offset(g, k, sizeof(T)));
+      reinterpret_cast<uint4*>(dst)[k] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+    copy_page<T>(dst, smem, a.n);
+  }
   if (threadIdx.x == 0) a.status[idx] = kOk;
 }
 
-// Raises the kernel's dynamic shared-memory limit, or says why the page is too large.
+// Dynamic shared memory one CTA of `kernel` may have on the current device.
 template <typename Kernel>
-void prepare_shared_memory(Kernel kernel, uint32_t bytes, uint32_t n, int elem_bytes) {
+uint32_t dynamic_shared_memory_limit(Kernel kernel) {
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   cudaFuncAttributes attrs;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
-  TORCH_CHECK_VALUE(bytes + attrs.sharedSizeBytes <= static_cast<size_t>(limit),
-                    "kvcompress: pages of ", n, " x ", elem_bytes, " bytes need ",
-                    bytes + attrs.sharedSizeBytes, " bytes of shared memory; this GPU allows ",
-                    limit, ". Use smaller pages (split each KV block into several pages).");
+  return static_cast<uint32_t>(limit) - static_cast<uint32_t>(attrs.sharedSizeBytes);
+}
+
+// Raises the kernel's dynamic shared-memory limit, or says why the page is too large.
+// Numbers are formatted before they reach TORCH_CHECK (see torch_bindings.cpp).
+template <typename Kernel>
+void prepare_shared_memory(Kernel kernel, uint32_t bytes, uint32_t n, int elem_bytes) {
+  const uint32_t limit = dynamic_shared_memory_limit(kernel);
+  TORCH_CHECK_VALUE(bytes <= limit, "kvcompress: pages of " + std::to_string(n) + " x " +
+                    std::to_string(elem_bytes) + " bytes need " + std::to_string(bytes) +
+                    " bytes of shared memory; this GPU allows " + std::to_string(limit) +
+                    ". Use smaller pages (split each KV block into several pages).");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
@@ -608,6 +734,8 @@ void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb,
   args.ticket = reinterpret_cast<unsigned int*>(flags.data_ptr<int64_t>() + num);
   args.n = n;
   args.rows = static_cast<uint32_t>(rows);
+  const bool aligned = reinterpret_cast<uintptr_t>(args.src) % 16 == 0 &&
+                       args.src_stride_bytes % 16 == 0;
   args.eb = eb;
   args.relative = relative;
   args.mode = static_cast<uint8_t>(mode);
@@ -615,7 +743,15 @@ void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb,
   dispatch_kv_dtype(src.scalar_type(), [&](auto tag) {
     constexpr uint8_t code = decltype(tag)::value;
     const int elem = sizeof(typename CudaType<code>::type);
-    const uint32_t smem = shared_layout(n, elem).total();
+    args.geometry = page_geometry(n, args.rows, elem, aligned);
+    args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
+    if (shared_layout(args.page_smem_bytes, n).total() >
+        dynamic_shared_memory_limit(compress_kernel<code>)) {
+      // No room for the padding: bank conflicts are slower, not wrong.
+      args.geometry = page_geometry(n, args.rows, elem, false);
+      args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
+    }
+    const uint32_t smem = shared_layout(args.page_smem_bytes, n).total();
     prepare_shared_memory(compress_kernel<code>, smem, n, elem);
     compress_kernel<code><<<static_cast<unsigned>(num), kThreads, smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -639,11 +775,19 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
   args.dst_ids = dst_page_ids.data_ptr<int64_t>();
   args.status = status.data_ptr<int32_t>();
   args.n = n;
+  args.allow_padding = reinterpret_cast<uintptr_t>(args.dst) % 16 == 0 &&
+                       args.dst_stride_bytes % 16 == 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kv_dtype(dst.scalar_type(), [&](auto tag) {
     constexpr uint8_t code = decltype(tag)::value;
     const int elem = sizeof(typename CudaType<code>::type);
-    const uint32_t smem = shared_layout(n, elem).total();
+    args.page_smem_bytes = max_staged_page_bytes(n, elem);
+    if (shared_layout(args.page_smem_bytes, n).total() >
+        dynamic_shared_memory_limit(decompress_kernel<code>)) {
+      args.allow_padding = false;
+      args.page_smem_bytes = round_up(n * elem, 16);
+    }
+    const uint32_t smem = shared_layout(args.page_smem_bytes, n).total();
     prepare_shared_memory(decompress_kernel<code>, smem, n, elem);
     decompress_kernel<code><<<static_cast<unsigned>(dst_page_ids.numel()), kThreads, smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

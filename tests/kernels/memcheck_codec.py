@@ -16,7 +16,8 @@ def main() -> None:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for mode in CodecMode:
             base = torch.randn(64, 1031, generator=g).cumsum(1).to(dtype).cuda()
-            for pages in (base[:, :1024], base[:, 1:1000]):
+            # Aligned rows padded in shared memory, unaligned rows, odd page sizes.
+            for pages in (base[:, :1024].contiguous(), base[:, :1024], base[:, 1:1000]):
                 n = pages.shape[1]
                 ids = torch.arange(64, device="cuda")
                 ids[5] = 1000

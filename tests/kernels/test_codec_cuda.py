@@ -82,6 +82,31 @@ def test_odd_page_sizes_and_unaligned_rows(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [2, 3, 8, 32, 48, 96, 6144])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_every_stream_order_and_alignment_matches_cpu(dtype, rows, aligned):
+    """Rows padded in shared memory (aligned views whose rows are long enough) and
+    not, divisors of every kind for the stream-order index, decoded into aligned and
+    unaligned destinations: all byte-identical to the CPU kernels."""
+    pages = kv_like(8, 96, 64, dtype, seed=rows)
+    if not aligned:
+        pages = torch.cat([pages[:, :1], pages], 1)[:, 1:]
+    ids = torch.tensor([7, 0, 3, 5])
+    config = CodecConfig(1e-2, True, CodecMode.PLAIN, rows)
+    cpu, gpu = both_devices(pages, ids, config)
+    assert_same_stream(cpu, gpu)
+    expected = torch.zeros(4, pages.shape[1], dtype=dtype)
+    assert (decompress_pages(cpu, expected, torch.arange(4)) == DecodeStatus.OK).all()
+    for offset in (0, 1):
+        # Row stride n + 8 keeps rows 16-byte aligned at offset 0, not at offset 1.
+        dst = torch.zeros(4, pages.shape[1] + 8, dtype=dtype, device="cuda")[:, offset:]
+        dst = dst[:, :pages.shape[1]]
+        status = decompress_pages(gpu, dst, torch.arange(4, device="cuda"))
+        assert (status == DecodeStatus.OK).all()
+        assert torch.equal(dst.cpu(), expected), offset
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", list(CodecMode))
 def test_gpu_round_trip_within_bound(dtype, mode):
     pages = kv_like(64, 16, 512, dtype, seed=4).cuda()
