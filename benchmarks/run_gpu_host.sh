@@ -8,6 +8,7 @@
 #       stages vLLM, builds and installs vllm_kvcompress (extension + entry point),
 #       runs the kernel tests (CPU vs GPU byte identity) and compute-sanitizer memcheck
 #   bash benchmarks/run_gpu_host.sh codec      # carry .gpu/kv_pages.pt: codec benchmark
+#       (CODEC_ARGS: extra arguments for benchmarks/benchmark_codec.py)
 #   bash benchmarks/run_gpu_host.sh vllm       # carry .gpu/deps.tar.xz .gpu/fa3.xz .gpu/fidelity
 #       trains the small test Llama (once), end-to-end tests through vLLM on it,
 #       and benchmarks/benchmark_offload.py
@@ -111,7 +112,8 @@ build() {
 codec() {
   local kv_pages=()
   [ -f .gpu/kv_pages.pt ] && kv_pages=(--kv-pages .gpu/kv_pages.pt)
-  python3 benchmarks/benchmark_codec.py "${kv_pages[@]}" --out "$OUT/codec" \
+  # shellcheck disable=SC2086  # CODEC_ARGS (e.g. "--dtypes bf16") is a list of words
+  python3 benchmarks/benchmark_codec.py "${kv_pages[@]}" --out "$OUT/codec" ${CODEC_ARGS:-} \
     > "$OUT/benchmark_codec.log" 2>&1 || status=1
   grep -v "codec configs" "$OUT/benchmark_codec.log" | tail -40
 }
