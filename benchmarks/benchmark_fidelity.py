@@ -247,9 +247,12 @@ def read_scores(outputs: list[Any], first_target: int) -> Scores:
     for out in outputs:
         lp = out.prompt_logprobs  # FlatLogprobs: entry 0 is the target, then ranks 1..k
         prompt = out.prompt_token_ids
+        # Entry 0 stands for position 0 (no prediction); the others follow the computed
+        # positions only, so a cached prefix shifts every target by its length.
+        skipped = len(prompt) - len(lp)
         nll, top1, topk = [], [], []
         for pos in range(first_target, len(prompt)):
-            start, end = lp.start_indices[pos], lp.end_indices[pos]
+            start, end = lp.start_indices[pos - skipped], lp.end_indices[pos - skipped]
             ids, values = lp.token_ids[start:end], lp.logprobs[start:end]
             assert ids[0] == prompt[pos], "prompt logprobs out of step with the prompt"
             nll.append(-values[0])

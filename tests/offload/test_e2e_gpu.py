@@ -128,8 +128,14 @@ def greedy(llm, batch: list[dict], tokens: int = 24) -> list[list[int]]:
 
 
 def free(llm) -> None:
+    from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
     del llm
     gc.collect()
+    # The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 on the host):
+    # vLLM keeps the KV connector in a process-wide global and creates one only when
+    # none is set, so the next LLM would silently reuse this one and its settings.
+    ensure_kv_transfer_shutdown()
     torch.cuda.empty_cache()
 
 

@@ -1,0 +1,44 @@
+"""The fidelity benchmark reads prompt log-probabilities at the right positions,
+whether or not a prefix of the prompt came from a cache (CPU; no model needed)."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vllm.logprobs import FlatLogprobs, create_prompt_logprobs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+benchmark_fidelity = pytest.importorskip("benchmark_fidelity")
+
+
+def fake_output(prompt: list[int], cached: int) -> SimpleNamespace:
+    """What vLLM returns: entry 0 for position 0, then one entry per computed
+    position j >= max(cached, 1), scoring target j (the token the previous position
+    predicts), with the target first and a top-1 guess of target + 1."""
+    lp: FlatLogprobs = create_prompt_logprobs(flat_logprobs=True)
+    for target in range(max(cached, 0) + 1, len(prompt)):
+        lp.append_fast([prompt[target], prompt[target] + 1], [-0.1 * target, -0.05],
+                       iter([2, 1]), [None, None])
+    return SimpleNamespace(prompt_logprobs=lp, prompt_token_ids=prompt,
+                           outputs=[SimpleNamespace(token_ids=[5, 6])],
+                           num_cached_tokens=cached)
+
+
+@pytest.mark.parametrize("cached", [0, 16])
+def test_scores_follow_the_prompt_with_and_without_a_cached_prefix(cached: int) -> None:
+    prompt = list(range(100, 140))
+    scores = benchmark_fidelity.read_scores([fake_output(prompt, cached)], first_target=17)
+    assert scores.nll[0].tolist() == pytest.approx([0.1 * t for t in range(17, 40)])
+    assert scores.top1[0].tolist() == [prompt[t] + 1 for t in range(17, 40)]
+    assert scores.cached == [cached]
+
+
+def test_scores_refuse_logprobs_out_of_step_with_the_prompt() -> None:
+    out = fake_output(list(range(100, 140)), cached=16)
+    out.prompt_logprobs.start_indices.pop(1)
+    out.prompt_logprobs.end_indices.pop(1)
+    out.prompt_logprobs.append(None)
+    with pytest.raises(AssertionError, match="out of step"):
+        benchmark_fidelity.read_scores([out], first_target=17)
