@@ -10,10 +10,11 @@
 #   bash benchmarks/run_gpu_host.sh codec      # carry .gpu/kv_pages.pt: codec benchmark
 #       (CODEC_ARGS: extra arguments for benchmarks/benchmark_codec.py)
 #   bash benchmarks/run_gpu_host.sh vllm       # carry .gpu/deps.tar.xz .gpu/fa3.xz .gpu/fidelity
-#       trains the small test Llama (once), end-to-end tests through vLLM on it,
-#       and benchmarks/benchmark_offload.py
+#       the offload tests on CPU, then the phases e2e (trains the small test Llama
+#       once, end-to-end tests through vLLM on it) and offload (benchmark_offload.py)
 #   bash benchmarks/run_gpu_host.sh fidelity   # carry .gpu/fidelity: train + evaluate
-# Phases may be chained in one call: `build codec`, `vllm fidelity`. A call brings back
+# Phases may be chained in one call: `build codec`, `e2e fidelity`. SKIP_KERNEL_TESTS=1
+# and SKIP_MEMCHECK=1 shorten `build` when the kernels are unchanged. A call brings back
 # at most 8 files: point OUT at a scratch folder and tar it into the real $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +99,7 @@ build() {
   done
   [ $ok = 1 ] || { tail -30 "$OUT"/build_*.log; return 1; }
 
+  [ -n "${SKIP_KERNEL_TESTS:-}" ] && return 0
   # Several processes (pytest-xdist, on the host) so one crashing test cannot hide the rest.
   python3 -m pytest tests/kernels -q -rs -n "${TEST_PROCS:-8}" -p no:cacheprovider \
     --junitxml="$OUT/pytest_kernels.xml" > "$OUT/pytest_kernels.log" 2>&1 || status=1
@@ -143,11 +145,8 @@ EOF2
 # KVCOMPRESS_ATTENTION_BACKEND (default TRITON_ATTN) picks vLLM's attention backend
 # for the end-to-end tests, OFFLOAD_ATTENTION_BACKEND (default FLASH_ATTN) for the
 # offload benchmark, so that both KV layouts run through the connector.
-vllm_phase() {
+e2e() {
   export KVCOMPRESS_ATTENTION_BACKEND=${KVCOMPRESS_ATTENTION_BACKEND:-TRITON_ATTN}
-  python3 -m pytest tests/offload -q -rs -p no:cacheprovider --deselect tests/offload/test_e2e_gpu.py \
-    > "$OUT/pytest_offload_cpu.log" 2>&1 || status=1
-  tail -1 "$OUT/pytest_offload_cpu.log"
   if trained_model; then
     export KVCOMPRESS_TEST_MODEL=$MODEL_DIR KVCOMPRESS_TEST_PROMPTS=$MODEL_DIR/e2e_prompts.json
   else
@@ -162,11 +161,22 @@ vllm_phase() {
     || status=1
   grep -E "passed|failed|PASSED|FAILED|Error|error:|error bound|default bound" \
     "$OUT/pytest_e2e.log" | cut -c1-600 | tail -15
+}
+
+offload() {
   timeout "${OFFLOAD_TIMEOUT_S:-300}" python3 benchmarks/benchmark_offload.py \
     --out "$OUT/offload" --repeats "${OFFLOAD_REPEATS:-5}" --enforce-eager \
     --attention-backend "${OFFLOAD_ATTENTION_BACKEND:-FLASH_ATTN}" \
     > "$OUT/benchmark_offload.log" 2>&1 || status=1
   grep -v "offload configs" "$OUT/benchmark_offload.log" | tail -12
+}
+
+vllm_phase() {
+  python3 -m pytest tests/offload -q -rs -p no:cacheprovider --deselect tests/offload/test_e2e_gpu.py \
+    > "$OUT/pytest_offload_cpu.log" 2>&1 || status=1
+  tail -1 "$OUT/pytest_offload_cpu.log"
+  e2e
+  offload
 }
 
 fidelity() {
@@ -181,6 +191,8 @@ for phase in "${@:-build}"; do
     kernels) ;;
     codec) codec ;;
     vllm) vllm_phase ;;
+    e2e) e2e ;;
+    offload) offload ;;
     fidelity) fidelity ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac

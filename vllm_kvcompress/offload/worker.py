@@ -188,11 +188,17 @@ class CompressedOffloadingWorker(OffloadingWorker):
             make_page_layout(t.tensor, t.page_size_bytes, kv_dtype, elems_per_page)
             for t in kv_caches.tensors
         ]
-        self.compressible = all(layout.pages is not None for layout in self.layouts)
+        # The codec path batches all tensors of a chunk alike, so they must split
+        # into pages the same way; vLLM gives one KV group uniform layers.
+        self.compressible = all(layout.pages is not None for layout in self.layouts) and len(
+            {(layout.pages_per_block, layout.reserve_bytes, layout.pages.shape[1])
+             for layout in self.layouts}) == 1
         if not self.compressible:
             logger.warning("KV cache dtype %s (or its layout) is not one the codec takes "
-                           "(fp16, bf16, fp32): offloaded blocks are stored uncompressed",
-                           kv_dtype)
+                           "(fp16, bf16, fp32 in tensors that split into equal pages): "
+                           "offloaded blocks are stored uncompressed", kv_dtype)
+        self._page_in_block = torch.arange(
+            max(layout.pages_per_block for layout in self.layouts), device=device)
         # Which canonical tensors hold each KV group's pages (one entry per tensor).
         self.group_tensors = [sorted({ref.tensor_idx for ref in refs})
                               for refs in kv_caches.group_data_refs]
@@ -312,65 +318,71 @@ class CompressedOffloadingWorker(OffloadingWorker):
         reason (_RAW_REASONS)..., record sizes...]``."""
         n = len(block_ids)
         device = self._dev.device
+        tensors = self.group_tensors[group]
         staging = self._staging(n * self.reserve_bytes(group), store=True)
         ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
-        seg_src, seg_len, rec_sizes, raw_pages, checksums = [], [], [], [], []
-        reasons = torch.zeros((n, len(_RAW_REASONS)), dtype=torch.int64, device=device)
-        base = 0
-        for t in self.group_tensors[group]:
-            layout = self.layouts[t]
-            if self.compressible:
-                k = layout.pages_per_block
-                page_ids = (ids[:, None] * k + torch.arange(k, device=device)).reshape(-1)
-                table = torch.empty((n * k, 3), dtype=torch.int64, device=device)
-                region = staging[base:base + n * layout.reserve_bytes]
-                ops.compress(layout.pages, page_ids, self.codec.error_bound, self.codec.relative,
-                             int(self.codec.mode), self.codec.rows, region, table)
-                sizes = table[:, 1].view(n, k)
-                seg_src.append(base + table[::k, 0])
-                seg_len.append(sizes.sum(1))
-                rec_sizes.append(sizes)
-                per_reason = torch.stack(
-                    [(table[:, 2] == int(r)).view(n, k).sum(1) for r in _RAW_REASONS], 1)
-                reasons += per_reason
-                raw_pages.append(per_reason.sum(1))
-                words = staging.view(torch.int32)[(base + table[:, 0]) // 4 + _CHECKSUM_WORD]
-                checksums.append(words.to(torch.int64).view(n, k).sum(1))
-                base += n * layout.reserve_bytes
-            else:
-                block_len = torch.full((n,), layout.block_bytes, dtype=torch.int64,
-                                       device=device)
-                seg_src.append(layout.raw_offset + ids * layout.raw_stride)
-                seg_len.append(block_len)
-                rec_sizes.append(block_len[:, None])
-                raw_pages.append(torch.ones(n, dtype=torch.int64, device=device))
-                checksums.append(torch.zeros(n, dtype=torch.int64, device=device))
-        lengths = torch.stack(seg_len, 1)
+        if self.compressible:
+            seg_src, lengths, rec_sizes, checksums, reasons = self._compress(tensors, ids, staging)
+            raw_pages = reasons.sum(1)
+        else:
+            seg_src = torch.stack([self.layouts[t].raw_offset + ids * self.layouts[t].raw_stride
+                                   for t in tensors], 1)
+            lengths = torch.tensor([self.layouts[t].block_bytes for t in tensors],
+                                   device=device).expand(n, -1)
+            rec_sizes = lengths
+            checksums = torch.zeros(n, dtype=torch.int64, device=device)
+            reasons = torch.zeros((n, len(_RAW_REASONS)), dtype=torch.int64, device=device)
+            raw_pages = torch.full((n,), len(tensors), dtype=torch.int64, device=device)
         starts = torch.from_numpy(offsets).to(device, non_blocking=True)[:, None] + (
             lengths.cumsum(1) - lengths)
+        status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
         if self.compressible:
-            status = torch.empty(lengths.numel(), dtype=torch.int32, device=device)
-            ops.copy_segments(staging, torch.stack(seg_src, 1).reshape(-1), self.arena,
-                              starts.reshape(-1), lengths.reshape(-1), status)
+            ops.copy_segments(staging, seg_src.t().reshape(-1), self.arena,
+                              starts.t().reshape(-1), lengths.t().reshape(-1), status.view(-1))
         else:
-            statuses = []
-            for i, t in enumerate(self.group_tensors[group]):
-                statuses.append(torch.empty(n, dtype=torch.int32, device=device))
-                ops.copy_segments(self.layouts[t].raw, seg_src[i], self.arena,
+            for i, t in enumerate(tensors):
+                ops.copy_segments(self.layouts[t].raw, seg_src[:, i].contiguous(), self.arena,
                                   starts[:, i].contiguous(), lengths[:, i].contiguous(),
-                                  statuses[-1])
-            status = torch.stack(statuses, 1)
-        ok = (status.view(n, -1) == 0).all(1)
+                                  status[i])
+        ok = (status == 0).all(0)
         report = torch.cat([
             (lengths.sum(1) * ok)[:, None],
-            torch.stack(raw_pages, 1).sum(1, keepdim=True),
-            (torch.stack(checksums, 1).sum(1, keepdim=True) & 0xFFFFFFFF),
+            raw_pages[:, None],
+            (checksums & 0xFFFFFFFF)[:, None],
             reasons,
-            torch.cat(rec_sizes, 1),
+            rec_sizes,
         ], 1)
         host = self._dev.host_buffer(tuple(report.shape), torch.int64)
         host.copy_(report, non_blocking=True)
         return host
+
+    def _compress(self, tensors: list[int], ids: torch.Tensor, staging: torch.Tensor,
+                  ) -> tuple[torch.Tensor, ...]:
+        """Compresses every page of blocks ``ids`` of ``tensors``, tensor ``i`` into
+        its own region of ``staging``. One launch per tensor and a fixed number of
+        small ops per chunk, however many layers: the launches run on the host
+        while the engine's step waits. Returns per block and tensor the staging
+        offset and length of its records, per block its record sizes (tensor-major),
+        checksum sum and raw pages per reason."""
+        n, num = ids.numel(), len(tensors)
+        layout = self.layouts[tensors[0]]
+        k, region = layout.pages_per_block, n * layout.reserve_bytes
+        page_ids = (ids[:, None] * k + self._page_in_block[:k]).reshape(-1)
+        table = torch.empty((num, n * k, 3), dtype=torch.int64, device=ids.device)
+        for i, t in enumerate(tensors):
+            ops.compress(self.layouts[t].pages, page_ids, self.codec.error_bound,
+                         self.codec.relative, int(self.codec.mode), self.codec.rows,
+                         staging[i * region:(i + 1) * region], table[i])
+        pages = table.view(num, n, k, 3)
+        base = torch.arange(num, device=ids.device)[:, None] * region
+        sizes = pages[..., 1]
+        seg_src = (base + pages[:, :, 0, 0]).t()
+        lengths = sizes.sum(2).t()
+        rec_sizes = sizes.permute(1, 0, 2).reshape(n, num * k)
+        words = staging.view(torch.int32)[(base[:, :, None] + pages[..., 0]) // 4 + _CHECKSUM_WORD]
+        checksums = words.to(torch.int64).sum((0, 2))
+        reasons = torch.stack([(pages[..., 2] == int(r)).sum((0, 2)) for r in _RAW_REASONS], 1)
+        return seg_src, lengths, rec_sizes, checksums, reasons
 
     def _collect_store(self, report: np.ndarray, offsets: np.ndarray,
                        reports: dict[int, tuple[int, int, int]]) -> int:
@@ -436,23 +448,23 @@ class CompressedOffloadingWorker(OffloadingWorker):
         # (offset, nbytes) of every record of the chunk, sent in one copy.
         records = torch.from_numpy(np.stack([rec_starts, sizes], 2)).to(device, non_blocking=True)
         ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
-        col = 0
-        for t, k in zip(tensors, per_block):
-            layout = self.layouts[t]
-            if self.compressible:
-                table = records[:, col:col + k].reshape(-1, 2)
-                dst_ids = (ids[:, None] * k + torch.arange(k, device=device)).reshape(-1)
-                status = torch.empty(n * k, dtype=torch.int32, device=device)
-                ops.decompress(staging, table, layout.pages, dst_ids, status)
-                failed |= (status.view(n, k) != DecodeStatus.OK).any(1)
-            else:
-                dst = layout.raw_offset + ids * layout.raw_stride
-                status = torch.empty(n, dtype=torch.int32, device=device)
-                src = records[:, col, 0].contiguous()
+        if self.compressible:
+            num, k = len(tensors), per_block[0]
+            tables = records.view(n, num, k, 2).transpose(0, 1).contiguous()
+            dst_ids = (ids[:, None] * k + self._page_in_block[:k]).reshape(-1)
+            status = torch.empty((num, n * k), dtype=torch.int32, device=device)
+            for i, t in enumerate(tensors):
+                ops.decompress(staging, tables[i].view(n * k, 2), self.layouts[t].pages, dst_ids,
+                               status[i])
+            failed |= (status.view(num, n, k) != DecodeStatus.OK).any(2).any(0)
+        else:
+            status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
+            for i, t in enumerate(tensors):
+                layout = self.layouts[t]
                 length = torch.full((n,), layout.block_bytes, dtype=torch.int64, device=device)
-                ops.copy_segments(staging, src, layout.raw, dst, length, status)
-                failed |= status != 0
-            col += k
+                ops.copy_segments(staging, records[:, i, 0].contiguous(), layout.raw,
+                                  layout.raw_offset + ids * layout.raw_stride, length, status[i])
+            failed |= (status != 0).any(0)
         host = self._dev.host_buffer((n,), torch.int32)
         host.copy_(failed.to(torch.int32), non_blocking=True)
         return host, int(totals.sum())
