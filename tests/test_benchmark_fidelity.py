@@ -42,3 +42,15 @@ def test_scores_refuse_logprobs_out_of_step_with_the_prompt() -> None:
     out.prompt_logprobs.append(None)
     with pytest.raises(AssertionError, match="out of step"):
         benchmark_fidelity.read_scores([out], first_target=17)
+
+
+def test_a_control_below_the_rule_is_reported_not_hidden() -> None:
+    def row(kind: str, greedy: float, mode: str | None = None, eb: float | None = None):
+        return SimpleNamespace(dtype="bf16", kind=kind, mode=mode, rel_eb=eb,
+                               greedy_identical=greedy, ppl_increase_pct=0.0)
+
+    rows = [row("baseline", 1.0), row("native", 0.8125), row("compressed", 0.75, "plain", 1e-2)]
+    assert benchmark_fidelity.controls_below_rule(rows) == {"bf16": 0.8125}
+    assert benchmark_fidelity.recommend(rows) == {"plain": None}
+    rows[1].greedy_identical = 1.0
+    assert benchmark_fidelity.controls_below_rule(rows) == {}
