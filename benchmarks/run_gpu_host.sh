@@ -12,6 +12,7 @@
 #   bash benchmarks/run_gpu_host.sh vllm       # carry .gpu/deps.tar.xz .gpu/fa3.xz .gpu/fidelity
 #       the offload tests on CPU, then the phases e2e (trains the small test Llama
 #       once, end-to-end tests through vLLM on it) and offload (benchmark_offload.py)
+#   bash benchmarks/run_gpu_host.sh worker     # benchmark_worker.py: where an offload's time goes
 #   bash benchmarks/run_gpu_host.sh fidelity   # carry .gpu/fidelity: train + evaluate
 # Phases may be chained in one call: `build codec`, `e2e fidelity`. SKIP_KERNEL_TESTS=1
 # and SKIP_MEMCHECK=1 shorten `build` when the kernels are unchanged. A call brings back
@@ -171,6 +172,16 @@ offload() {
   grep -v "offload configs" "$OUT/benchmark_offload.log" | tail -12
 }
 
+# One prompt's store and load through the worker alone, both KV layouts: host
+# launch time, GPU time and the PCIe roofline, with a profiler table.
+worker() {
+  for layout in flash cross; do
+    python3 benchmarks/benchmark_worker.py --layout "$layout" --profile \
+      --out "$OUT/worker_$layout" > "$OUT/benchmark_worker_$layout.log" 2>&1 || status=1
+    head -8 "$OUT/benchmark_worker_$layout.log"
+  done
+}
+
 vllm_phase() {
   python3 -m pytest tests/offload -q -rs -p no:cacheprovider --deselect tests/offload/test_e2e_gpu.py \
     > "$OUT/pytest_offload_cpu.log" 2>&1 || status=1
@@ -193,6 +204,7 @@ for phase in "${@:-build}"; do
     vllm) vllm_phase ;;
     e2e) e2e ;;
     offload) offload ;;
+    worker) worker ;;
     fidelity) fidelity ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac

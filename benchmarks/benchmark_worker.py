@@ -1,0 +1,222 @@
+"""Where the time of one prompt's offload goes, without vLLM around it.
+
+Drives ``CompressedOffloadingWorker`` directly over KV tensors laid out as vLLM 0.26
+hands them to an offloading worker (``--layout flash``: one K and one V tensor per
+layer, as FLASH_ATTN's ``(2, num_blocks, ...)`` cache is split; ``--layout
+cross``: one cross-layer tensor, as TRITON_ATTN's), stores one prompt's blocks to
+the host arena and loads them back into other blocks, and reports per direction:
+
+* *submit*: host time of ``submit_store`` / ``submit_load``: the launches, which run
+  on the engine's step thread while the step waits;
+* *GPU*: from the job's start event to its end event on the side stream;
+* *wall*: submit until the job is done;
+* the same prompt's raw bytes copied GPU <-> pinned host with one ``copy_`` each way
+  (the PCIe roofline the compressed path should beat by its ratio), and one copy per
+  block and tensor (what a naive per-block path costs).
+
+The end-to-end benchmark (benchmark_offload.py) shows *that* the offload path costs
+time; this one says whether launches, kernels or PCIe are to blame. ``--profile``
+adds a torch profiler table of the store and load. Runs on CPU tensors too
+(slowly, synchronously), which is how CI smoke-tests it. JSON out::
+
+    python benchmarks/benchmark_worker.py --out results/worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCacheRef,
+    CanonicalKVCaches,
+    CanonicalKVCacheTensor,
+    GPULoadStoreSpec,
+)
+from vllm_kvcompress.codec import CodecConfig, CodecMode
+from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
+from vllm_kvcompress.offload.worker import CompressedOffloadingWorker
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def kv_values(shape: tuple[int, ...], token_dim: int, device: torch.device,
+              dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """KV-like values: per-channel scale, smooth along tokens (``token_dim``)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    walk = torch.randn(shape, generator=g, device=device).cumsum(token_dim) * 0.05
+    scale = torch.rand(shape[-1], generator=g, device=device) * 2 + 0.1
+    return ((torch.randn(shape[-1], generator=g, device=device) + walk) * scale).to(dtype)
+
+
+def build_caches(args: argparse.Namespace, device: torch.device
+                 ) -> tuple[CanonicalKVCaches, list[torch.Tensor], int]:
+    """Canonical block tensors (int8 views, one row per block) over real KV memory;
+    returns them, the typed tensors behind them, and the elements of one page."""
+    dtype = DTYPES[args.dtype]
+    page_elems = args.block_size * args.kv_heads * args.head_dim
+    typed, views = [], []
+    if args.layout == "flash":
+        for layer in range(args.layers):
+            kv = kv_values((2, args.num_blocks, args.block_size, args.kv_heads, args.head_dim),
+                           2, device, dtype, seed=layer)
+            typed.append(kv)
+            views += [kv[i].view(torch.int8).view(args.num_blocks, -1) for i in range(2)]
+    else:
+        kv = kv_values((args.num_blocks, args.layers, args.block_size, args.kv_heads,
+                        2 * args.head_dim), 2, device, dtype, seed=0)
+        typed.append(kv)
+        views.append(kv.view(torch.int8).view(args.num_blocks, -1))
+    tensors = [CanonicalKVCacheTensor(v, v.shape[1]) for v in views]
+    refs = [[CanonicalKVCacheRef(i, v.shape[1]) for i, v in enumerate(views)]]
+    return CanonicalKVCaches(tensors=tensors, group_data_refs=refs), typed, page_elems
+
+
+def run_job(worker: CompressedOffloadingWorker, submit, job_id: int, sync) -> dict[str, float]:
+    sync()
+    start = time.perf_counter()
+    assert submit()
+    submitted = time.perf_counter()
+    results = []
+    while not results:
+        results = worker.get_finished()
+    done = time.perf_counter()
+    (result,) = results
+    assert result.job_id == job_id and result.success
+    return {"submit_ms": 1e3 * (submitted - start), "wall_ms": 1e3 * (done - start),
+            "gpu_ms": 1e3 * result.transfer_time if result.transfer_time else float("nan"),
+            "bytes": float(result.transfer_size)}
+
+
+def raw_copies(caches: CanonicalKVCaches, blocks: np.ndarray, sync) -> dict[str, float]:
+    """The prompt's raw bytes GPU -> pinned host -> GPU in one copy each way, and
+    GPU -> host with one copy per block and tensor."""
+    rows = [t.tensor[torch.as_tensor(blocks, device=t.tensor.device)] for t in caches.tensors]
+    flat = torch.cat([r.reshape(-1) for r in rows])
+    pinned = torch.empty(flat.numel(), dtype=torch.int8, pin_memory=flat.is_cuda)
+    out: dict[str, float] = {"raw_bytes": float(flat.numel())}
+    sync()
+    start = time.perf_counter()
+    pinned.copy_(flat, non_blocking=True)
+    sync()
+    out["d2h_one_copy_ms"] = 1e3 * (time.perf_counter() - start)
+    start = time.perf_counter()
+    flat.copy_(pinned, non_blocking=True)
+    sync()
+    out["h2d_one_copy_ms"] = 1e3 * (time.perf_counter() - start)
+    start = time.perf_counter()
+    at = 0
+    for t in caches.tensors:
+        width = t.tensor.shape[1]
+        for b in blocks:
+            pinned[at:at + width].copy_(t.tensor[int(b)], non_blocking=True)
+            at += width
+    sync()
+    out["d2h_per_block_ms"] = 1e3 * (time.perf_counter() - start)
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    caches, _typed, page_elems = build_caches(args, device)
+    blocks_per_prompt = args.tokens // args.block_size
+    codec = CodecConfig(args.error_bound, True, CodecMode[args.mode.upper()], args.rows)
+    # The worker sizes a block's reservation from the layout it derives, so it is
+    # built first and given an arena of exactly one prompt's reservations after.
+    worker = CompressedOffloadingWorker(caches, DTYPES[args.dtype], page_elems, codec,
+                                        arena_bytes=0)
+    reserve = worker.reserve_bytes(0)
+    worker.arena = torch.empty(reserve * blocks_per_prompt, dtype=torch.uint8,
+                               pin_memory=device.type == "cuda")
+    src = np.arange(blocks_per_prompt)
+    dst = src + blocks_per_prompt
+    offsets = [int(i) * reserve for i in range(blocks_per_prompt)]
+    spec = ArenaLoadStoreSpec(offsets, [reserve] * blocks_per_prompt)
+    samples: dict[str, list[dict[str, float]]] = {"store": [], "load": []}
+    profiler = None
+    for rep in range(args.warmup + args.repeats):
+        if args.profile and rep == args.warmup + args.repeats - 1:
+            profiler = torch.profiler.profile(record_shapes=False)
+            profiler.__enter__()
+        store = run_job(worker, lambda: worker.submit_store(
+            2 * rep, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
+            spec), 2 * rep, sync)
+        worker.store_reports.clear()
+        load = run_job(worker, lambda: worker.submit_load(
+            2 * rep + 1, spec,
+            GPULoadStoreSpec(dst.tolist(), group_sizes=[len(dst)], block_indices=[0])),
+            2 * rep + 1, sync)
+        assert not worker.failed_load_block_ids, "every block must decode"
+        if rep >= args.warmup:
+            samples["store"].append(store)
+            samples["load"].append(load)
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "tensors": len(caches.tensors), "blocks": blocks_per_prompt,
+        "raw_prompt_bytes": worker.raw_block_bytes(0) * blocks_per_prompt,
+        "counters": vars(worker.counters),
+    }
+    for direction, rows in samples.items():
+        result[direction] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    result["ratio"] = result["raw_prompt_bytes"] / result["store"]["bytes"]
+    result["raw_copy"] = raw_copies(caches, src, sync)
+    if profiler is not None:
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        result["profile"] = profiler.key_averages().table(sort_by=sort, row_limit=25)
+    return result
+
+
+def print_report(r: dict[str, Any]) -> None:
+    print(f"{r['device']}: {r['blocks']} blocks x {r['tensors']} tensors, "
+          f"{r['raw_prompt_bytes'] / 2**20:.0f} MiB raw, ratio {r['ratio']:.2f}")
+    print(f"{'':<8}{'submit ms':>10}{'GPU ms':>9}{'wall ms':>9}{'MiB moved':>11}")
+    for direction in ("store", "load"):
+        d = r[direction]
+        print(f"{direction:<8}{d['submit_ms']:>10.2f}{d['gpu_ms']:>9.2f}{d['wall_ms']:>9.2f}"
+              f"{d['bytes'] / 2**20:>11.1f}")
+    c = r["raw_copy"]
+    print(f"raw copy of the prompt: GPU->host {c['d2h_one_copy_ms']:.2f} ms, host->GPU "
+          f"{c['h2d_one_copy_ms']:.2f} ms, GPU->host per block and tensor "
+          f"{c['d2h_per_block_ms']:.2f} ms")
+    if "profile" in r:
+        print(r["profile"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="path prefix for .json")
+    parser.add_argument("--layout", choices=["flash", "cross"], default="flash")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=8192, help="one prompt's tokens")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--error-bound", type=float, default=1e-2, help="relative")
+    parser.add_argument("--mode", choices=[m.name.lower() for m in CodecMode], default="plain")
+    parser.add_argument("--rows", type=int, default=1, help="codec stream order")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="torch profiler table")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU tensors")
+    args = parser.parse_args()
+    args.num_blocks = 2 * (args.tokens // args.block_size)
+    result = measure(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print_report(result)
+
+
+if __name__ == "__main__":
+    main()

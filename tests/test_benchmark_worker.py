@@ -1,0 +1,26 @@
+"""benchmarks/benchmark_worker.py runs end to end on CPU tensors, for both KV
+layouts, and reports a round trip that really compressed (the GPU host runs it at
+full size)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+benchmark_worker = pytest.importorskip("benchmark_worker")
+
+
+@pytest.mark.parametrize("layout", ["flash", "cross"])
+def test_worker_benchmark_round_trip_on_cpu(layout: str) -> None:
+    args = argparse.Namespace(layout=layout, layers=2, kv_heads=2, head_dim=32, block_size=16,
+                              tokens=128, dtype="bf16", error_bound=1e-2, mode="plain", rows=1,
+                              warmup=0, repeats=1, profile=False, cpu=True, num_blocks=16)
+    result = benchmark_worker.measure(args)
+    assert result["tensors"] == (4 if layout == "flash" else 1)
+    assert result["blocks"] == 8
+    assert result["ratio"] > 1.5
+    assert result["counters"]["blocks_loaded"] == 8
+    assert result["counters"]["failed_loads"] == 0
+    assert result["store"]["submit_ms"] > 0 and result["raw_copy"]["raw_bytes"] > 0
