@@ -110,6 +110,7 @@ class CompressedCPUOffloadingManager(OffloadingManager):
         self.raw_block_bytes = raw_block_bytes
         self.compression = compression
         self.kv_dtype = kv_dtype
+        self._mode = int(compression.codec.mode)
         self.allocator = ArenaAllocator(capacity)
         self.table = BlockTable()
         self._pending: dict[OffloadKey, _PendingStore] = {}
@@ -227,6 +228,7 @@ class CompressedCPUOffloadingManager(OffloadingManager):
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext,
                        success: bool = True) -> None:
         stored: list[OffloadKey] = []
+        raw_pages = stored_bytes = 0
         for key in keys:
             pending = self._pending.pop(key, None)
             if pending is None:
@@ -243,17 +245,20 @@ class CompressedCPUOffloadingManager(OffloadingManager):
                 offset=pending.offset,
                 nbytes=nbytes,
                 raw_nbytes=self.raw_block_bytes,
-                mode=int(self.compression.codec.mode),
+                mode=self._mode,
                 error_bound=self.compression.error_bound,
                 dtype=self.kv_dtype,
                 checksum=report.checksum,
                 is_raw=report.raw_pages > 0,
             ))
             stored.append(key)
-            self._stats.increase_counter(CompressionMetrics.RAW_PAGES, report.raw_pages)
-            self._stats.increase_counter(CompressionMetrics.COMPRESSED_BYTES_STORED, nbytes)
-            self._stats.increase_counter(CompressionMetrics.UNCOMPRESSED_BYTES_STORED,
-                                         self.raw_block_bytes)
+            raw_pages += report.raw_pages
+            stored_bytes += nbytes
+        # Once per call, not per block: this runs in the scheduler's step.
+        self._stats.increase_counter(CompressionMetrics.RAW_PAGES, raw_pages)
+        self._stats.increase_counter(CompressionMetrics.COMPRESSED_BYTES_STORED, stored_bytes)
+        self._stats.increase_counter(CompressionMetrics.UNCOMPRESSED_BYTES_STORED,
+                                     len(stored) * self.raw_block_bytes)
         self._stats.increase_counter(CompressionMetrics.BLOCKS_STORED, len(stored))
         if stored and self.events is not None:
             self.events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
