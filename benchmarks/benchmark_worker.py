@@ -123,6 +123,24 @@ def raw_copies(caches: CanonicalKVCaches, blocks: np.ndarray, sync) -> dict[str,
     return out
 
 
+def max_error_over_bound(worker: CompressedOffloadingWorker, src: np.ndarray, dst: np.ndarray,
+                         rel_eb: float) -> float:
+    """Largest |reloaded - stored| over each page's relative bound, for every page
+    of every tensor: the round trip must put the right values in the right blocks."""
+    worst = 0.0
+    for layout in worker.layouts:
+        k = layout.pages_per_block
+        offsets = torch.arange(k, device=layout.pages.device)
+        stored = layout.pages[(torch.as_tensor(src, device=offsets.device)[:, None] * k
+                               + offsets).reshape(-1)].double()
+        loaded = layout.pages[(torch.as_tensor(dst, device=offsets.device)[:, None] * k
+                               + offsets).reshape(-1)].double()
+        bound = rel_eb * (stored.amax(1) - stored.amin(1))
+        ratio = (loaded - stored).abs().amax(1) / bound.clamp_min(1e-30)
+        worst = max(worst, float(ratio.max()))
+    return worst
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -160,7 +178,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             samples["load"].append(load)
     if profiler is not None:
         profiler.__exit__(None, None, None)
+    worst = max_error_over_bound(worker, src, dst, args.error_bound)
+    if worst > 1.0:
+        raise SystemExit(f"reloaded KV breaks the error bound: max error {worst:.3f} x bound")
     result: dict[str, Any] = {
+        "max_error_over_bound": worst,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "args": {k: str(v) for k, v in vars(args).items()},
         "tensors": len(caches.tensors), "blocks": blocks_per_prompt,
@@ -179,7 +201,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_report(r: dict[str, Any]) -> None:
     print(f"{r['device']}: {r['blocks']} blocks x {r['tensors']} tensors, "
-          f"{r['raw_prompt_bytes'] / 2**20:.0f} MiB raw, ratio {r['ratio']:.2f}")
+          f"{r['raw_prompt_bytes'] / 2**20:.0f} MiB raw, ratio {r['ratio']:.2f}, "
+          f"max error {r['max_error_over_bound']:.3f} x bound")
     print(f"{'':<8}{'submit ms':>10}{'GPU ms':>9}{'wall ms':>9}{'MiB moved':>11}")
     for direction in ("store", "load"):
         d = r[direction]

@@ -24,3 +24,4 @@ def test_worker_benchmark_round_trip_on_cpu(layout: str) -> None:
     assert result["counters"]["blocks_loaded"] == 8
     assert result["counters"]["failed_loads"] == 0
     assert result["store"]["submit_ms"] > 0 and result["raw_copy"]["raw_bytes"] > 0
+    assert 0 < result["max_error_over_bound"] <= 1

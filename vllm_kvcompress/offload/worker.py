@@ -53,6 +53,10 @@ logger = init_logger(__name__)
 # GPU staging is bounded so that a long prompt's store does not claim memory vLLM's
 # profiler never saw; larger jobs run as several chunks through the same buffer.
 DEFAULT_STAGING_BYTES = 64 << 20
+# With one KV tensor per layer and K/V (FLASH_ATTN), a chunk's launch per tensor
+# holds only that chunk's blocks as CTAs, too few to fill an H100; this many
+# launches run concurrently instead.
+CODEC_LANES = 8
 _CHECKSUM_WORD = 7  # header bytes 28..31 (docs/format.md)
 _RAW_REASONS = (CompressStatus.RAW_NON_FINITE, CompressStatus.RAW_BOUND_UNATTAINABLE,
                 CompressStatus.RAW_NO_GAIN)
@@ -210,6 +214,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
         }
         self._store_stream = self._dev.new_stream()
         self._load_stream = self._dev.new_stream()
+        # Streams on which the per-tensor codec launches of one chunk run side by side
+        # (see _lanes), per direction; none on the CPU.
+        self._codec_lanes = {
+            store: [s for s in (self._dev.new_stream() for _ in range(CODEC_LANES)) if s]
+            for store in (True, False)
+        }
         # arena offset -> record sizes of the block's pages on this rank
         self._records: dict[int, np.ndarray] = {}
         self._jobs: deque[_Job] = deque()
@@ -369,10 +379,11 @@ class CompressedOffloadingWorker(OffloadingWorker):
         k, region = layout.pages_per_block, n * layout.reserve_bytes
         page_ids = (ids[:, None] * k + self._page_in_block[:k]).reshape(-1)
         table = torch.empty((num, n * k, 3), dtype=torch.int64, device=ids.device)
-        for i, t in enumerate(tensors):
-            ops.compress(self.layouts[t].pages, page_ids, self.codec.error_bound,
-                         self.codec.relative, int(self.codec.mode), self.codec.rows,
-                         staging[i * region:(i + 1) * region], table[i])
+        for lane, i in self._lanes(True, num):
+            with _on(lane):
+                ops.compress(self.layouts[tensors[i]].pages, page_ids, self.codec.error_bound,
+                             self.codec.relative, int(self.codec.mode), self.codec.rows,
+                             staging[i * region:(i + 1) * region], table[i])
         pages = table.view(num, n, k, 3)
         base = torch.arange(num, device=ids.device)[:, None] * region
         sizes = pages[..., 1]
@@ -453,9 +464,10 @@ class CompressedOffloadingWorker(OffloadingWorker):
             tables = records.view(n, num, k, 2).transpose(0, 1).contiguous()
             dst_ids = (ids[:, None] * k + self._page_in_block[:k]).reshape(-1)
             status = torch.empty((num, n * k), dtype=torch.int32, device=device)
-            for i, t in enumerate(tensors):
-                ops.decompress(staging, tables[i].view(n * k, 2), self.layouts[t].pages, dst_ids,
-                               status[i])
+            for lane, i in self._lanes(False, num):
+                with _on(lane):
+                    ops.decompress(staging, tables[i].view(n * k, 2),
+                                   self.layouts[tensors[i]].pages, dst_ids, status[i])
             failed |= (status.view(num, n, k) != DecodeStatus.OK).any(2).any(0)
         else:
             status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
@@ -470,6 +482,23 @@ class CompressedOffloadingWorker(OffloadingWorker):
         return host, int(totals.sum())
 
     # --- helpers ---
+
+    def _lanes(self, store: bool, count: int
+               ) -> Iterator[tuple[torch.cuda.Stream | None, int]]:
+        """Spreads ``count`` launches over the direction's codec lanes, yielding
+        ``(lane, index)``: the lanes first wait for the current (side) stream, which
+        waits for all of them afterwards, so the launches see everything queued
+        before them, and everything queued after sees their results. Tensors created
+        on the side stream and used on a lane are only recycled by that stream, whose
+        later work comes after the join."""
+        home = torch.cuda.current_stream(self._dev.device) if self._dev.is_cuda else None
+        lanes = self._codec_lanes[store][:count]
+        for lane in lanes:
+            lane.wait_stream(home)
+        for i in range(count):
+            yield (lanes[i % len(lanes)] if lanes else None), i
+        for lane in lanes:
+            home.wait_stream(lane)
 
     def _staging(self, nbytes: int, store: bool) -> torch.Tensor:
         # Grown on the side stream that uses it, so the caching allocator only
