@@ -50,7 +50,7 @@ import vllm_kvcompress._custom_ops as ops
 for pages, error in ((torch.zeros(2, 8, dtype=torch.float64), TypeError),
                      (torch.zeros(8, 4).t(), ValueError)):
     try:
-        ops.compress(pages, torch.tensor([0]), 0.1, True, 1, 1,
+        ops.compress([pages], torch.tensor([0]), 0.1, True, 1, 1,
                      torch.empty(256, dtype=torch.uint8), torch.empty(1, 3, dtype=torch.long))
     except error as e:
         print("error path ok:", str(e).splitlines()[0])

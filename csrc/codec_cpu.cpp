@@ -245,25 +245,27 @@ int32_t decode_record(const uint8_t* buf, int64_t buf_size, int64_t offset, int6
 
 }  // namespace
 
-void compress_cpu(const at::Tensor& src, const at::Tensor& page_ids, double eb, bool relative,
+void compress_cpu(at::TensorList src, const at::Tensor& page_ids, double eb, bool relative,
                   int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table) {
   const int64_t num = page_ids.numel();
-  const int64_t num_src = src.size(0);
-  const uint32_t n = static_cast<uint32_t>(src.size(1));
+  const int64_t per_source = src[0].size(0), stride = src[0].stride(0);
+  const int64_t num_src = per_source * static_cast<int64_t>(src.size());
+  const uint32_t n = static_cast<uint32_t>(src[0].size(1));
   const int64_t* ids = page_ids.data_ptr<int64_t>();
   std::vector<std::vector<uint8_t>> records(num);
   std::vector<int64_t> status(num);
-  dispatch_kv_dtype(src.scalar_type(), [&](auto tag) {
+  dispatch_kv_dtype(src[0].scalar_type(), [&](auto tag) {
     using scalar_t = typename CpuType<decltype(tag)::value>::type;
-    const scalar_t* base = src.data_ptr<scalar_t>();
+    std::vector<const scalar_t*> bases;
+    for (const at::Tensor& t : src) bases.push_back(t.data_ptr<scalar_t>());
     at::parallel_for(0, num, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (ids[i] < 0 || ids[i] >= num_src) {
           status[i] = kBadSourceIndex;
           continue;
         }
-        status[i] = encode_page<scalar_t>(base + ids[i] * src.stride(0), n,
-                                          static_cast<uint8_t>(mode), eb, relative,
+        const scalar_t* page = bases[ids[i] / per_source] + (ids[i] % per_source) * stride;
+        status[i] = encode_page<scalar_t>(page, n, static_cast<uint8_t>(mode), eb, relative,
                                           static_cast<uint32_t>(rows), records[i]);
       }
     });
@@ -281,25 +283,29 @@ void compress_cpu(const at::Tensor& src, const at::Tensor& page_ids, double eb, 
   }
 }
 
-void decompress_cpu(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,
+void decompress_cpu(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dst,
                     const at::Tensor& dst_page_ids, at::Tensor& status) {
   const int64_t num = dst_page_ids.numel();
   const int64_t cols = page_table.size(1);
   const int64_t* table = page_table.data_ptr<int64_t>();
   const int64_t* ids = dst_page_ids.data_ptr<int64_t>();
   int32_t* st = status.data_ptr<int32_t>();
-  const uint32_t n = static_cast<uint32_t>(dst.size(1));
-  dispatch_kv_dtype(dst.scalar_type(), [&](auto tag) {
+  const int64_t per_dest = dst[0].size(0), stride = dst[0].stride(0);
+  const int64_t num_dst = per_dest * static_cast<int64_t>(dst.size());
+  const uint32_t n = static_cast<uint32_t>(dst[0].size(1));
+  dispatch_kv_dtype(dst[0].scalar_type(), [&](auto tag) {
     using scalar_t = typename CpuType<decltype(tag)::value>::type;
-    scalar_t* base = dst.data_ptr<scalar_t>();
+    std::vector<scalar_t*> bases;
+    for (const at::Tensor& t : dst) bases.push_back(t.data_ptr<scalar_t>());
     at::parallel_for(0, num, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        if (ids[i] < 0 || ids[i] >= dst.size(0)) {
+        if (ids[i] < 0 || ids[i] >= num_dst) {
           st[i] = kBadIndex;
           continue;
         }
+        scalar_t* page = bases[ids[i] / per_dest] + (ids[i] % per_dest) * stride;
         st[i] = decode_record<scalar_t>(buf.data_ptr<uint8_t>(), buf.numel(), table[cols * i],
-                                        table[cols * i + 1], base + ids[i] * dst.stride(0), n);
+                                        table[cols * i + 1], page, n);
       }
     });
   });

@@ -233,10 +233,36 @@ __device__ uint32_t header_checksum_sum(const PageHeader& h) {
   return sum;
 }
 
+// The page views of one call (ops.h): page id i is page i % per_view of view
+// i / per_view. Passed by value in the kernel parameters (2 KiB of pointers).
+template <typename Ptr>
+struct PageViews {
+  Ptr base[kMaxSources];
+  int64_t per_view;
+  int64_t count;  // pages in all views
+  int64_t stride_bytes;
+  __device__ Ptr page(int64_t id) const {
+    return base[id / per_view] + (id % per_view) * stride_bytes;
+  }
+};
+
+// Also says whether every page starts on a 16-byte boundary.
+template <typename Ptr>
+PageViews<Ptr> page_views(at::TensorList views, bool* aligned) {
+  PageViews<Ptr> v{};
+  v.per_view = views[0].size(0);
+  v.count = v.per_view * static_cast<int64_t>(views.size());
+  v.stride_bytes = views[0].stride(0) * views[0].element_size();
+  *aligned = v.stride_bytes % 16 == 0;
+  for (size_t i = 0; i < views.size(); ++i) {
+    v.base[i] = static_cast<Ptr>(views[i].data_ptr());
+    *aligned = *aligned && reinterpret_cast<uintptr_t>(v.base[i]) % 16 == 0;
+  }
+  return v;
+}
+
 struct CompressArgs {
-  const uint8_t* src;
-  int64_t src_stride_bytes;
-  int64_t num_src_pages;
+  PageViews<const uint8_t*> src;
   const int64_t* page_ids;
   uint8_t* out;
   int64_t* table;
@@ -344,7 +370,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   __syncthreads();
   const uint32_t idx = page_index;
   const int64_t src_id = a.page_ids[idx];
-  if (src_id < 0 || src_id >= a.num_src_pages) {
+  if (src_id < 0 || src_id >= a.src.count) {
     if (threadIdx.x == 0) {
       const uint64_t off = look_back(a.flags, idx, 0);
       a.table[3 * idx] = static_cast<int64_t>(off);
@@ -355,7 +381,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   }
 
   // Stage the page and find its range.
-  const uint8_t* src = a.src + src_id * a.src_stride_bytes;
+  const uint8_t* src = a.src.page(src_id);
   float mx = -INFINITY, mn = INFINITY;
   bool nonfinite = false;
   if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0) {
@@ -525,9 +551,7 @@ struct DecompressArgs {
   int64_t buf_size;
   const int64_t* table;
   int64_t table_cols;
-  uint8_t* dst;
-  int64_t dst_stride_bytes;
-  int64_t num_dst_pages;
+  PageViews<uint8_t*> dst;
   const int64_t* dst_ids;
   int32_t* status;
   uint32_t n;
@@ -556,7 +580,7 @@ __device__ void copy_page(uint8_t* dst, const uint8_t* src, uint32_t n) {
 __device__ int32_t check_record(const DecompressArgs& a, uint32_t idx, PageHeader* h,
                                 int64_t* offset) {
   const int64_t dst_id = a.dst_ids[idx];
-  if (dst_id < 0 || dst_id >= a.num_dst_pages) return kBadIndex;
+  if (dst_id < 0 || dst_id >= a.dst.count) return kBadIndex;
   const int64_t off = a.table[a.table_cols * idx], nb = a.table[a.table_cols * idx + 1];
   if (off < 0 || nb < kHeaderBytes || off % kRecordAlign != 0 || off > a.buf_size - nb) {
     return kBadRecord;
@@ -626,7 +650,7 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
     if (threadIdx.x == 0) a.status[idx] = status_s;
     return;
   }
-  uint8_t* dst = a.dst + a.dst_ids[idx] * a.dst_stride_bytes;
+  uint8_t* dst = a.dst.page(a.dst_ids[idx]);
   if (h.flags & kFlagRaw) {
     copy_page<T>(dst, payload, a.n);
     if (threadIdx.x == 0) a.status[idx] = kOk;
@@ -714,8 +738,9 @@ void prepare_shared_memory(Kernel kernel, uint32_t bytes, uint32_t n, int elem_b
 
 }  // namespace
 
-void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb, bool relative,
+void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb, bool relative,
                    int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table) {
+  const at::Tensor& src = sources[0];
   const c10::cuda::CUDAGuard guard(src.device());
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
                     "kvcompress: out must start at a 16-byte aligned address");
@@ -724,9 +749,8 @@ void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb,
   // Look-back flags, then the ticket counter, zeroed on the stream before the launch.
   at::Tensor flags = at::zeros({num + 1}, src.options().dtype(at::kLong));
   CompressArgs args;
-  args.src = static_cast<const uint8_t*>(src.data_ptr());
-  args.src_stride_bytes = src.stride(0) * src.element_size();
-  args.num_src_pages = src.size(0);
+  bool aligned = false;
+  args.src = page_views<const uint8_t*>(sources, &aligned);
   args.page_ids = page_ids.data_ptr<int64_t>();
   args.out = out.data_ptr<uint8_t>();
   args.table = page_table.data_ptr<int64_t>();
@@ -734,8 +758,6 @@ void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb,
   args.ticket = reinterpret_cast<unsigned int*>(flags.data_ptr<int64_t>() + num);
   args.n = n;
   args.rows = static_cast<uint32_t>(rows);
-  const bool aligned = reinterpret_cast<uintptr_t>(args.src) % 16 == 0 &&
-                       args.src_stride_bytes % 16 == 0;
   args.eb = eb;
   args.relative = relative;
   args.mode = static_cast<uint8_t>(mode);
@@ -758,8 +780,9 @@ void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb,
   });
 }
 
-void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,
+void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dests,
                      const at::Tensor& dst_page_ids, at::Tensor& status) {
+  const at::Tensor& dst = dests[0];
   const c10::cuda::CUDAGuard guard(dst.device());
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16 == 0,
                     "kvcompress: buf must start at a 16-byte aligned address");
@@ -769,14 +792,10 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
   args.buf_size = buf.numel();
   args.table = page_table.data_ptr<int64_t>();
   args.table_cols = page_table.size(1);
-  args.dst = static_cast<uint8_t*>(dst.data_ptr());
-  args.dst_stride_bytes = dst.stride(0) * dst.element_size();
-  args.num_dst_pages = dst.size(0);
+  args.dst = page_views<uint8_t*>(dests, &args.allow_padding);
   args.dst_ids = dst_page_ids.data_ptr<int64_t>();
   args.status = status.data_ptr<int32_t>();
   args.n = n;
-  args.allow_padding = reinterpret_cast<uintptr_t>(args.dst) % 16 == 0 &&
-                       args.dst_stride_bytes % 16 == 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kv_dtype(dst.scalar_type(), [&](auto tag) {
     constexpr uint8_t code = decltype(tag)::value;

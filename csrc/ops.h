@@ -27,9 +27,14 @@ void dispatch_kv_dtype(at::ScalarType t, F&& f) {
   }
 }
 
-void compress_cpu(const at::Tensor& src, const at::Tensor& page_ids, double eb, bool relative,
+// The codec ops take a list of page views of one shape: page id i names page
+// i % P of view i / P, where P is the views' page count. One launch then covers
+// a KV block's pages in every layer even when each layer is its own tensor.
+constexpr int64_t kMaxSources = 256;
+
+void compress_cpu(at::TensorList src, const at::Tensor& page_ids, double eb, bool relative,
                   int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table);
-void decompress_cpu(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,
+void decompress_cpu(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dst,
                     const at::Tensor& dst_page_ids, at::Tensor& status);
 
 // Per-segment outcome of copy_segments.
@@ -52,9 +57,9 @@ void copy_segments_cpu(const at::Tensor& src, const at::Tensor& src_offsets, at:
 void copy_segments_cuda(const at::Tensor& src, const at::Tensor& src_offsets, at::Tensor& dst,
                         const at::Tensor& dst_offsets, const at::Tensor& sizes,
                         at::Tensor& status);
-void compress_cuda(const at::Tensor& src, const at::Tensor& page_ids, double eb, bool relative,
+void compress_cuda(at::TensorList src, const at::Tensor& page_ids, double eb, bool relative,
                    int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table);
-void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,
+void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dst,
                      const at::Tensor& dst_page_ids, at::Tensor& status);
 #endif
 

@@ -44,6 +44,22 @@ void check_pages(const at::Tensor& pages, const char* name) {
                     dims(pages.strides()));
 }
 
+// Views in one call must agree in everything a page id's arithmetic relies on.
+void check_page_list(at::TensorList pages, const char* name) {
+  TORCH_CHECK_VALUE(!pages.empty() && static_cast<int64_t>(pages.size()) <= kMaxSources,
+                    "kvcompress: ", name, " must hold 1 to ", num(kMaxSources),
+                    " page views, got ", num(static_cast<int64_t>(pages.size())));
+  for (const at::Tensor& p : pages) {
+    check_pages(p, name);
+    TORCH_CHECK_VALUE(p.scalar_type() == pages[0].scalar_type() &&
+                          p.device() == pages[0].device() && p.sizes() == pages[0].sizes() &&
+                          p.strides() == pages[0].strides(),
+                      "kvcompress: the ", name, " views must share dtype, device, shape and "
+                      "strides; got shapes ", dims(pages[0].sizes()), " and ", dims(p.sizes()),
+                      ", strides ", dims(pages[0].strides()), " and ", dims(p.strides()));
+  }
+}
+
 void check_vector(const at::Tensor& t, at::ScalarType dtype, int64_t numel,
                   const at::Tensor& like, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "kvcompress: ", name, " must be ", dtype, ", got ",
@@ -59,9 +75,10 @@ int64_t record_bound(int64_t n, int64_t elem_bytes) {
   return round_up(kHeaderBytes + round_up(n * elem_bytes, 4), kRecordAlign);
 }
 
-void check_compress(const at::Tensor& src, const at::Tensor& page_ids, double eb, int64_t mode,
+void check_compress(at::TensorList sources, const at::Tensor& page_ids, double eb, int64_t mode,
                     int64_t rows, const at::Tensor& out, const at::Tensor& page_table) {
-  check_pages(src, "src");
+  check_page_list(sources, "src");
+  const at::Tensor& src = sources[0];
   TORCH_CHECK_VALUE(page_ids.dim() == 1, "kvcompress: page_ids must be 1-D");
   check_vector(page_ids, at::kLong, -1, src, "page_ids");
   TORCH_CHECK_VALUE(std::isfinite(eb) && eb > 0.0, "kvcompress: the error bound must be finite and > 0, got ", num(eb));
@@ -80,9 +97,10 @@ void check_compress(const at::Tensor& src, const at::Tensor& page_ids, double eb
                     "kvcompress: page_table must have shape (num_pages, 3)");
 }
 
-void check_decompress(const at::Tensor& buf, const at::Tensor& page_table, const at::Tensor& dst,
+void check_decompress(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dests,
                       const at::Tensor& dst_page_ids, const at::Tensor& status) {
-  check_pages(dst, "dst");
+  check_page_list(dests, "dst");
+  const at::Tensor& dst = dests[0];
   check_vector(buf, at::kByte, -1, dst, "buf");
   TORCH_CHECK_VALUE(buf.dim() == 1, "kvcompress: buf must be 1-D");
   TORCH_CHECK_VALUE(dst_page_ids.dim() == 1, "kvcompress: dst_page_ids must be 1-D");
@@ -95,25 +113,27 @@ void check_decompress(const at::Tensor& buf, const at::Tensor& page_table, const
   check_vector(status, at::kInt, num, dst, "status");
 }
 
-void compress(const at::Tensor& src, const at::Tensor& page_ids, double eb, bool relative,
+void compress(at::TensorList src, const at::Tensor& page_ids, double eb, bool relative,
               int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table) {
   check_compress(src, page_ids, eb, mode, rows, out, page_table);
   if (page_ids.numel() == 0) return;
 #ifdef KVCOMPRESS_WITH_CUDA
-  if (src.is_cuda()) return compress_cuda(src, page_ids, eb, relative, mode, rows, out, page_table);
+  if (src[0].is_cuda()) {
+    return compress_cuda(src, page_ids, eb, relative, mode, rows, out, page_table);
+  }
 #endif
-  TORCH_CHECK_VALUE(src.is_cpu(), "kvcompress: no kernels for device ", src.device());
+  TORCH_CHECK_VALUE(src[0].is_cpu(), "kvcompress: no kernels for device ", src[0].device());
   compress_cpu(src, page_ids, eb, relative, mode, rows, out, page_table);
 }
 
-void decompress(const at::Tensor& buf, const at::Tensor& page_table, at::Tensor& dst,
+void decompress(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dst,
                 const at::Tensor& dst_page_ids, at::Tensor& status) {
   check_decompress(buf, page_table, dst, dst_page_ids, status);
   if (dst_page_ids.numel() == 0) return;
 #ifdef KVCOMPRESS_WITH_CUDA
-  if (dst.is_cuda()) return decompress_cuda(buf, page_table, dst, dst_page_ids, status);
+  if (dst[0].is_cuda()) return decompress_cuda(buf, page_table, dst, dst_page_ids, status);
 #endif
-  TORCH_CHECK_VALUE(dst.is_cpu(), "kvcompress: no kernels for device ", dst.device());
+  TORCH_CHECK_VALUE(dst[0].is_cpu(), "kvcompress: no kernels for device ", dst[0].device());
   decompress_cpu(buf, page_table, dst, dst_page_ids, status);
 }
 
@@ -155,10 +175,10 @@ void copy_segments(const at::Tensor& src, const at::Tensor& src_offsets, at::Ten
 
 TORCH_LIBRARY(kvcompress, m) {
   m.def(
-      "compress(Tensor src, Tensor page_ids, float eb, bool relative, int codec_mode, int rows, "
-      "Tensor(a!) out, Tensor(b!) page_table) -> ()");
+      "compress(Tensor[] src, Tensor page_ids, float eb, bool relative, int codec_mode, "
+      "int rows, Tensor(a!) out, Tensor(b!) page_table) -> ()");
   m.def(
-      "decompress(Tensor buf, Tensor page_table, Tensor(a!) dst, Tensor dst_page_ids, "
+      "decompress(Tensor buf, Tensor page_table, Tensor(a!)[] dst, Tensor dst_page_ids, "
       "Tensor(b!) status) -> ()");
   m.def(
       "copy_segments(Tensor src, Tensor src_offsets, Tensor(a!) dst, Tensor dst_offsets, "

@@ -12,7 +12,7 @@ import vllm_kvcompress._C  # noqa: F401  (registers torch.ops.kvcompress)
 
 @torch.library.register_fake("kvcompress::compress")
 def _compress_fake(
-    src: torch.Tensor,
+    src: list[torch.Tensor],
     page_ids: torch.Tensor,
     eb: float,
     relative: bool,
@@ -28,7 +28,7 @@ def _compress_fake(
 def _decompress_fake(
     buf: torch.Tensor,
     page_table: torch.Tensor,
-    dst: torch.Tensor,
+    dst: list[torch.Tensor],
     dst_page_ids: torch.Tensor,
     status: torch.Tensor,
 ) -> None:

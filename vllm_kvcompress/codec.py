@@ -2,15 +2,18 @@
 
 A *page* is one contiguous row of a 2-D ``(num_pages, elems_per_page)`` view of a
 KV cache in fp16, bf16 or fp32; in vLLM, the K or V half of one block of one layer.
-A batch of pages compresses into one byte buffer plus a page table; decompression
-scatters the pages back into any rows of a destination view, in place, on the
-current CUDA stream (or on the CPU). Every value written back is within the error
+A batch may draw on several such views of one shape (each layer's cache, say):
+page id ``i`` then names row ``i % num_pages`` of view ``i // num_pages``, so one
+launch covers a block in every layer. A batch of pages compresses into one byte
+buffer plus a page table; decompression scatters the pages back into any rows of
+destination views, in place, on the current CUDA stream (or on the CPU). Every value written back is within the error
 bound of the original: the encoder verifies this and stores a page raw when it
 cannot promise it.
 """
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,8 @@ from vllm_kvcompress import _custom_ops as ops
 HEADER_BYTES = 32
 RECORD_ALIGN = 16
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Views one call can take (kMaxSources in csrc/ops.h).
+MAX_VIEWS = 256
 
 
 class CodecMode(enum.IntEnum):
@@ -117,45 +122,57 @@ def compress_bound(num_pages: int, elems_per_page: int, dtype: torch.dtype) -> i
 
 
 def compress_pages(
-    pages: torch.Tensor,
+    pages: torch.Tensor | Sequence[torch.Tensor],
     page_ids: torch.Tensor,
     config: CodecConfig,
     out: torch.Tensor | None = None,
 ) -> CompressedPages:
-    """Compresses rows ``page_ids`` of ``pages`` into one buffer.
+    """Compresses pages ``page_ids`` of ``pages`` (one view, or views of one shape
+    addressed one after another) into one buffer.
 
     ``out`` may be a preallocated uint8 staging buffer of at least
     :func:`compress_bound` bytes; otherwise one is allocated on ``pages``' device.
     On CUDA this is one kernel launch on the current stream, with no host sync.
     """
-    _check_pages(pages, "pages")
-    page_ids = _as_index_tensor(page_ids, pages.device)
+    views = _as_views(pages, "pages")
+    first = views[0]
+    page_ids = _as_index_tensor(page_ids, first.device)
     num = page_ids.numel()
     if out is None:
-        out = torch.empty(compress_bound(num, pages.shape[1], pages.dtype),
-                          dtype=torch.uint8, device=pages.device)
-    table = torch.empty((num, 3), dtype=torch.int64, device=pages.device)
-    ops.compress(pages, page_ids, float(config.error_bound), config.relative,
+        out = torch.empty(compress_bound(num, first.shape[1], first.dtype),
+                          dtype=torch.uint8, device=first.device)
+    table = torch.empty((num, 3), dtype=torch.int64, device=first.device)
+    ops.compress(views, page_ids, float(config.error_bound), config.relative,
                  int(config.mode), config.rows, out, table)
     return CompressedPages(buffer=out, table=table)
 
 
 def decompress_pages(
     compressed: CompressedPages,
-    dst: torch.Tensor,
+    dst: torch.Tensor | Sequence[torch.Tensor],
     dst_page_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Decodes each record into row ``dst_page_ids[i]`` of ``dst``, in place.
+    """Decodes each record into page ``dst_page_ids[i]`` of ``dst`` (one view, or
+    views of one shape addressed one after another), in place.
 
     Returns the per-page :class:`DecodeStatus` codes (int32, on ``dst``'s
     device). A page whose record is damaged, truncated or of another dtype or
     size is left untouched and reported; the caller must recompute it.
     """
-    _check_pages(dst, "dst")
-    dst_page_ids = _as_index_tensor(dst_page_ids, dst.device)
-    status = torch.empty(dst_page_ids.numel(), dtype=torch.int32, device=dst.device)
-    ops.decompress(compressed.buffer, compressed.table, dst, dst_page_ids, status)
+    views = _as_views(dst, "dst")
+    dst_page_ids = _as_index_tensor(dst_page_ids, views[0].device)
+    status = torch.empty(dst_page_ids.numel(), dtype=torch.int32, device=views[0].device)
+    ops.decompress(compressed.buffer, compressed.table, views, dst_page_ids, status)
     return status
+
+
+def _as_views(pages: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
+    views = [pages] if isinstance(pages, torch.Tensor) else list(pages)
+    if not 1 <= len(views) <= MAX_VIEWS:
+        raise ValueError(f"{name} must be 1 to {MAX_VIEWS} page views, got {len(views)}")
+    for view in views:
+        _check_pages(view, name)
+    return views
 
 
 def _check_pages(pages: torch.Tensor, name: str) -> None:

@@ -258,7 +258,7 @@ def test_bad_error_bound(eb):
     with pytest.raises(ValueError, match="error_bound"):
         CodecConfig(error_bound=eb)
     with pytest.raises(ValueError, match="error bound"):
-        torch.ops.kvcompress.compress(torch.zeros(1, 8), torch.tensor([0]), eb, True, 1, 1,
+        torch.ops.kvcompress.compress([torch.zeros(1, 8)], torch.tensor([0]), eb, True, 1, 1,
                                       torch.empty(64, dtype=torch.uint8),
                                       torch.empty(1, 3, dtype=torch.long))
 
@@ -271,7 +271,7 @@ def test_bad_mode_and_small_output():
     with pytest.raises(ValueError, match="compress_bound"):
         compress_pages(pages, [0, 1], CodecConfig(), out=small)
     with pytest.raises(ValueError, match="mode"):
-        torch.ops.kvcompress.compress(pages, torch.tensor([0]), 0.1, True, 3, 1,
+        torch.ops.kvcompress.compress([pages], torch.tensor([0]), 0.1, True, 3, 1,
                                       torch.empty(1024, dtype=torch.uint8),
                                       torch.empty(1, 3, dtype=torch.long))
 
@@ -282,11 +282,11 @@ def test_ops_pass_opcheck():
     out = torch.empty(compress_bound(2, 64, torch.bfloat16), dtype=torch.uint8)
     table = torch.empty(2, 3, dtype=torch.long)
     torch.library.opcheck(torch.ops.kvcompress.compress.default,
-                          (pages, ids, 1e-2, True, 1, 1, out, table))
+                          ([pages], ids, 1e-2, True, 1, 1, out, table))
     status = torch.empty(2, dtype=torch.int32)
     dst = torch.empty_like(pages)
     torch.library.opcheck(torch.ops.kvcompress.decompress.default,
-                          (out, table, dst, ids, status))
+                          (out, table, [dst], ids, status))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -324,3 +324,71 @@ def test_overflowing_step_is_stored_raw():
     out = torch.empty_like(pages)
     assert (decompress_pages(compressed, out, [0, 1]) == DecodeStatus.OK).all()
     assert torch.equal(out, pages)
+
+
+def views_of(num_views: int, pages: int, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Page views of one shape in separate allocations, like vLLM's per-layer caches."""
+    g = torch.Generator().manual_seed(num_views)
+    return [(torch.randn(pages, n, generator=g).cumsum(1) * (v + 1)).to(dtype)
+            for v in range(num_views)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_many_views_in_one_call_code_each_page_as_alone(dtype):
+    """Page id i names page i % P of view i // P; each record is the one the page
+    gets when compressed on its own, and decoding scatters across views."""
+    views = views_of(3, 4, 256, dtype)
+    ids = torch.tensor([9, 0, 4, 11, 6])
+    config = CodecConfig(1e-2, True, CodecMode.PLAIN, 1)
+    batch = compress_pages(views, ids, config)
+    for row, i in enumerate(ids.tolist()):
+        alone = compress_pages(views[i // 4], [i % 4], config)
+        off, size = batch.table[row, :2].tolist()
+        assert torch.equal(batch.buffer[off:off + size], alone.buffer[:size])
+    dst = [torch.zeros_like(v) for v in views]
+    targets = torch.tensor([1, 2, 8, 7, 10])
+    assert (decompress_pages(batch, dst, targets) == DecodeStatus.OK).all()
+    restored = torch.cat(dst)
+    expected = torch.zeros_like(restored)
+    single = torch.zeros(5, 256, dtype=dtype)
+    decompress_pages(batch, single, torch.arange(5))
+    expected[targets] = single
+    assert torch.equal(restored, expected)
+
+
+def test_page_ids_beyond_every_view_are_reported():
+    views = views_of(2, 3, 64, torch.bfloat16)
+    batch = compress_pages(views, torch.tensor([5, 6, -1]), CodecConfig())
+    assert batch.table[:, 2].tolist() == [CompressStatus.COMPRESSED,
+                                          CompressStatus.BAD_SOURCE_INDEX,
+                                          CompressStatus.BAD_SOURCE_INDEX]
+    dst = [torch.zeros_like(v) for v in views]
+    status = decompress_pages(compress_pages(views, [0, 1], CodecConfig()), dst,
+                              torch.tensor([6, 5]))
+    assert status.tolist() == [DecodeStatus.BAD_INDEX, DecodeStatus.OK]
+
+
+@pytest.mark.parametrize("other", [
+    torch.zeros(3, 32, dtype=torch.bfloat16),
+    torch.zeros(4, 64, dtype=torch.bfloat16),
+    torch.zeros(3, 64, dtype=torch.float16),
+    torch.zeros(3, 80, dtype=torch.bfloat16)[:, :64],
+])
+def test_views_of_another_shape_dtype_or_stride_are_refused(other):
+    views = [torch.zeros(3, 64, dtype=torch.bfloat16), other]
+    with pytest.raises((ValueError, TypeError), match="must share"):
+        compress_pages(views, [0], CodecConfig())
+    with pytest.raises((ValueError, TypeError), match="must share"):
+        decompress_pages(compress_pages(views[0], [0], CodecConfig()), views, [0])
+
+
+def test_view_count_is_bounded():
+    from vllm_kvcompress.codec import MAX_VIEWS
+
+    views = views_of(1, 1, 8, torch.float32) * (MAX_VIEWS + 1)
+    with pytest.raises(ValueError, match="page views"):
+        compress_pages(views, [0], CodecConfig())
+    with pytest.raises(ValueError, match="page views"):
+        torch.ops.kvcompress.compress(views, torch.tensor([0]), 0.1, True, 1, 1,
+                                      torch.empty(1024, dtype=torch.uint8),
+                                      torch.empty(1, 3, dtype=torch.long))

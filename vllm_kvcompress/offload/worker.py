@@ -40,6 +40,7 @@ from vllm.v1.kv_offload.base import (
 )
 from vllm_kvcompress import _custom_ops as ops
 from vllm_kvcompress.codec import (
+    MAX_VIEWS,
     SUPPORTED_DTYPES,
     CodecConfig,
     CompressStatus,
@@ -53,10 +54,6 @@ logger = init_logger(__name__)
 # GPU staging is bounded so that a long prompt's store does not claim memory vLLM's
 # profiler never saw; larger jobs run as several chunks through the same buffer.
 DEFAULT_STAGING_BYTES = 64 << 20
-# With one KV tensor per layer and K/V (FLASH_ATTN), a chunk's launch per tensor
-# holds only that chunk's blocks as CTAs, too few to fill an H100; this many
-# launches run concurrently instead.
-CODEC_LANES = 8
 _CHECKSUM_WORD = 7  # header bytes 28..31 (docs/format.md)
 _RAW_REASONS = (CompressStatus.RAW_NON_FINITE, CompressStatus.RAW_BOUND_UNATTAINABLE,
                 CompressStatus.RAW_NO_GAIN)
@@ -192,11 +189,13 @@ class CompressedOffloadingWorker(OffloadingWorker):
             make_page_layout(t.tensor, t.page_size_bytes, kv_dtype, elems_per_page)
             for t in kv_caches.tensors
         ]
-        # The codec path batches all tensors of a chunk alike, so they must split
-        # into pages the same way; vLLM gives one KV group uniform layers.
-        self.compressible = all(layout.pages is not None for layout in self.layouts) and len(
-            {(layout.pages_per_block, layout.reserve_bytes, layout.pages.shape[1])
-             for layout in self.layouts}) == 1
+        # One codec launch covers a chunk's pages in all tensors, which it takes as
+        # views of one shape; vLLM gives one KV group uniform layers.
+        self.compressible = (
+            all(layout.pages is not None for layout in self.layouts)
+            and len(self.layouts) <= MAX_VIEWS
+            and len({(layout.pages.shape, layout.pages.stride(), layout.pages_per_block)
+                     for layout in self.layouts}) == 1)
         if not self.compressible:
             logger.warning("KV cache dtype %s (or its layout) is not one the codec takes "
                            "(fp16, bf16, fp32 in tensors that split into equal pages): "
@@ -214,12 +213,6 @@ class CompressedOffloadingWorker(OffloadingWorker):
         }
         self._store_stream = self._dev.new_stream()
         self._load_stream = self._dev.new_stream()
-        # Streams on which the per-tensor codec launches of one chunk run side by side
-        # (see _lanes), per direction; none on the CPU.
-        self._codec_lanes = {
-            store: [s for s in (self._dev.new_stream() for _ in range(CODEC_LANES)) if s]
-            for store in (True, False)
-        }
         # arena offset -> record sizes of the block's pages on this rank
         self._records: dict[int, np.ndarray] = {}
         self._jobs: deque[_Job] = deque()
@@ -334,29 +327,31 @@ class CompressedOffloadingWorker(OffloadingWorker):
         if self.compressible:
             seg_src, lengths, rec_sizes, checksums, reasons = self._compress(tensors, ids, staging)
             raw_pages = reasons.sum(1)
+            # A block's records are contiguous in staging: one segment per block.
+            status = torch.empty(n, dtype=torch.int32, device=device)
+            ops.copy_segments(staging, seg_src, self.arena,
+                              torch.from_numpy(offsets).to(device, non_blocking=True),
+                              lengths, status)
+            ok = status == 0
         else:
-            seg_src = torch.stack([self.layouts[t].raw_offset + ids * self.layouts[t].raw_stride
-                                   for t in tensors], 1)
-            lengths = torch.tensor([self.layouts[t].block_bytes for t in tensors],
-                                   device=device).expand(n, -1)
-            rec_sizes = lengths
+            status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
+            block_bytes = [self.layouts[t].block_bytes for t in tensors]
+            lengths = torch.tensor(block_bytes, device=device).expand(n, -1)
+            starts = torch.from_numpy(offsets).to(device, non_blocking=True)[:, None] + (
+                lengths.cumsum(1) - lengths)
+            for i, t in enumerate(tensors):
+                layout = self.layouts[t]
+                ops.copy_segments(layout.raw, layout.raw_offset + ids * layout.raw_stride,
+                                  self.arena, starts[:, i].contiguous(),
+                                  lengths[:, i].contiguous(), status[i])
+            ok = (status == 0).all(0)
+            lengths = lengths.sum(1)
+            rec_sizes = torch.tensor(block_bytes, device=device).expand(n, -1)
             checksums = torch.zeros(n, dtype=torch.int64, device=device)
             reasons = torch.zeros((n, len(_RAW_REASONS)), dtype=torch.int64, device=device)
             raw_pages = torch.full((n,), len(tensors), dtype=torch.int64, device=device)
-        starts = torch.from_numpy(offsets).to(device, non_blocking=True)[:, None] + (
-            lengths.cumsum(1) - lengths)
-        status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
-        if self.compressible:
-            ops.copy_segments(staging, seg_src.t().reshape(-1), self.arena,
-                              starts.t().reshape(-1), lengths.t().reshape(-1), status.view(-1))
-        else:
-            for i, t in enumerate(tensors):
-                ops.copy_segments(self.layouts[t].raw, seg_src[:, i].contiguous(), self.arena,
-                                  starts[:, i].contiguous(), lengths[:, i].contiguous(),
-                                  status[i])
-        ok = (status == 0).all(0)
         report = torch.cat([
-            (lengths.sum(1) * ok)[:, None],
+            (lengths * ok)[:, None],
             raw_pages[:, None],
             (checksums & 0xFFFFFFFF)[:, None],
             reasons,
@@ -368,32 +363,30 @@ class CompressedOffloadingWorker(OffloadingWorker):
 
     def _compress(self, tensors: list[int], ids: torch.Tensor, staging: torch.Tensor,
                   ) -> tuple[torch.Tensor, ...]:
-        """Compresses every page of blocks ``ids`` of ``tensors``, tensor ``i`` into
-        its own region of ``staging``. One launch per tensor and a fixed number of
-        small ops per chunk, however many layers: the launches run on the host
-        while the engine's step waits. Returns per block and tensor the staging
-        offset and length of its records, per block its record sizes (tensor-major),
-        checksum sum and raw pages per reason."""
-        n, num = ids.numel(), len(tensors)
-        layout = self.layouts[tensors[0]]
-        k, region = layout.pages_per_block, n * layout.reserve_bytes
-        page_ids = (ids[:, None] * k + self._page_in_block[:k]).reshape(-1)
-        table = torch.empty((num, n * k, 3), dtype=torch.int64, device=ids.device)
-        for lane, i in self._lanes(True, num):
-            with _on(lane):
-                ops.compress(self.layouts[tensors[i]].pages, page_ids, self.codec.error_bound,
-                             self.codec.relative, int(self.codec.mode), self.codec.rows,
-                             staging[i * region:(i + 1) * region], table[i])
-        pages = table.view(num, n, k, 3)
-        base = torch.arange(num, device=ids.device)[:, None] * region
-        sizes = pages[..., 1]
-        seg_src = (base + pages[:, :, 0, 0]).t()
-        lengths = sizes.sum(2).t()
-        rec_sizes = sizes.permute(1, 0, 2).reshape(n, num * k)
-        words = staging.view(torch.int32)[(base[:, :, None] + pages[..., 0]) // 4 + _CHECKSUM_WORD]
-        checksums = words.to(torch.int64).sum((0, 2))
-        reasons = torch.stack([(pages[..., 2] == int(r)).sum((0, 2)) for r in _RAW_REASONS], 1)
-        return seg_src, lengths, rec_sizes, checksums, reasons
+        """Compresses every page of blocks ``ids`` in every tensor of ``tensors`` in one
+        launch, block by block, so that a block's records lie together in staging.
+        Returns per block the staging offset and length of its records, its record
+        sizes (tensor-major), checksum sum and raw pages per reason."""
+        n = ids.numel()
+        k = self.layouts[tensors[0]].pages_per_block
+        page_ids = self._page_ids(tensors, ids, k)
+        table = torch.empty((page_ids.numel(), 3), dtype=torch.int64, device=ids.device)
+        ops.compress([self.layouts[t].pages for t in tensors], page_ids, self.codec.error_bound,
+                     self.codec.relative, int(self.codec.mode), self.codec.rows, staging, table)
+        pages = table.view(n, -1, 3)
+        rec_sizes = pages[..., 1]
+        words = staging.view(torch.int32)[pages[..., 0] // 4 + _CHECKSUM_WORD]
+        return (pages[:, 0, 0].contiguous(), rec_sizes.sum(1), rec_sizes,
+                words.to(torch.int64).sum(1),
+                torch.stack([(pages[..., 2] == int(r)).sum(1) for r in _RAW_REASONS], 1))
+
+    def _page_ids(self, tensors: list[int], ids: torch.Tensor, k: int) -> torch.Tensor:
+        """Ids, in the codec's numbering over the tensors' page views, of pages
+        ``0..k-1`` of blocks ``ids`` in every tensor, ordered block, tensor, page."""
+        per_view = self.layouts[tensors[0]].pages.shape[0]
+        view = torch.arange(len(tensors), device=ids.device) * per_view
+        return (ids[:, None, None] * k + view[None, :, None]
+                + self._page_in_block[:k][None, None, :]).reshape(-1)
 
     def _collect_store(self, report: np.ndarray, offsets: np.ndarray,
                        reports: dict[int, tuple[int, int, int]]) -> int:
@@ -460,15 +453,11 @@ class CompressedOffloadingWorker(OffloadingWorker):
         records = torch.from_numpy(np.stack([rec_starts, sizes], 2)).to(device, non_blocking=True)
         ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
         if self.compressible:
-            num, k = len(tensors), per_block[0]
-            tables = records.view(n, num, k, 2).transpose(0, 1).contiguous()
-            dst_ids = (ids[:, None] * k + self._page_in_block[:k]).reshape(-1)
-            status = torch.empty((num, n * k), dtype=torch.int32, device=device)
-            for lane, i in self._lanes(False, num):
-                with _on(lane):
-                    ops.decompress(staging, tables[i].view(n * k, 2),
-                                   self.layouts[tensors[i]].pages, dst_ids, status[i])
-            failed |= (status.view(num, n, k) != DecodeStatus.OK).any(2).any(0)
+            status = torch.empty(n * pages_per_block, dtype=torch.int32, device=device)
+            ops.decompress(staging, records.view(-1, 2),
+                           [self.layouts[t].pages for t in tensors],
+                           self._page_ids(tensors, ids, per_block[0]), status)
+            failed |= (status.view(n, -1) != DecodeStatus.OK).any(1)
         else:
             status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
             for i, t in enumerate(tensors):
@@ -482,23 +471,6 @@ class CompressedOffloadingWorker(OffloadingWorker):
         return host, int(totals.sum())
 
     # --- helpers ---
-
-    def _lanes(self, store: bool, count: int
-               ) -> Iterator[tuple[torch.cuda.Stream | None, int]]:
-        """Spreads ``count`` launches over the direction's codec lanes, yielding
-        ``(lane, index)``: the lanes first wait for the current (side) stream, which
-        waits for all of them afterwards, so the launches see everything queued
-        before them, and everything queued after sees their results. Tensors created
-        on the side stream and used on a lane are only recycled by that stream, whose
-        later work comes after the join."""
-        home = torch.cuda.current_stream(self._dev.device) if self._dev.is_cuda else None
-        lanes = self._codec_lanes[store][:count]
-        for lane in lanes:
-            lane.wait_stream(home)
-        for i in range(count):
-            yield (lanes[i % len(lanes)] if lanes else None), i
-        for lane in lanes:
-            home.wait_stream(lane)
 
     def _staging(self, nbytes: int, store: bool) -> torch.Tensor:
         # Grown on the side stream that uses it, so the caching allocator only
