@@ -38,6 +38,16 @@ def main() -> None:
                 # Garbage that is not a stream at all.
                 junk = torch.randint(0, 256, (used,), generator=g, dtype=torch.uint8).cuda()
                 decompress_pages(CompressedPages(junk, c.table), dst, torch.arange(64))
+    # Several views in one launch, with ids past the last view and damaged records.
+    views = [torch.randn(8, 2048, generator=g).cumsum(1).to(torch.bfloat16).cuda()
+             for _ in range(3)]
+    ids = torch.tensor([23, 0, 24, 11, -3, 16], device="cuda")
+    c = compress_pages(views, ids, CodecConfig(1e-2, True, CodecMode.PLAIN, 16))
+    dst = [torch.empty_like(v) for v in views]
+    buf = c.buffer.clone()
+    buf[torch.randint(c.used_bytes(), (16,), generator=g).cuda()] ^= 0x41
+    decompress_pages(CompressedPages(buf, c.table), dst,
+                     torch.tensor([5, 24, 23, -1, 9, 0], device="cuda"))
     torch.cuda.synchronize()
     print("memcheck driver finished")
 
