@@ -335,18 +335,17 @@ class CompressedOffloadingWorker(OffloadingWorker):
             ok = status == 0
         else:
             status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
-            block_bytes = [self.layouts[t].block_bytes for t in tensors]
-            lengths = torch.tensor(block_bytes, device=device).expand(n, -1)
+            rec_sizes = torch.tensor([self.layouts[t].block_bytes for t in tensors],
+                                     device=device).expand(n, -1)
             starts = torch.from_numpy(offsets).to(device, non_blocking=True)[:, None] + (
-                lengths.cumsum(1) - lengths)
+                rec_sizes.cumsum(1) - rec_sizes)
             for i, t in enumerate(tensors):
                 layout = self.layouts[t]
                 ops.copy_segments(layout.raw, layout.raw_offset + ids * layout.raw_stride,
                                   self.arena, starts[:, i].contiguous(),
-                                  lengths[:, i].contiguous(), status[i])
+                                  rec_sizes[:, i].contiguous(), status[i])
             ok = (status == 0).all(0)
-            lengths = lengths.sum(1)
-            rec_sizes = torch.tensor(block_bytes, device=device).expand(n, -1)
+            lengths = rec_sizes.sum(1)
             checksums = torch.zeros(n, dtype=torch.int64, device=device)
             reasons = torch.zeros((n, len(_RAW_REASONS)), dtype=torch.int64, device=device)
             raw_pages = torch.full((n,), len(tensors), dtype=torch.int64, device=device)
