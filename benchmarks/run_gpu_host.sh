@@ -13,6 +13,7 @@
 #       the offload tests on CPU, then the phases e2e (trains the small test Llama
 #       once, end-to-end tests through vLLM on it) and offload (benchmark_offload.py)
 #   bash benchmarks/run_gpu_host.sh worker     # benchmark_worker.py: where an offload's time goes
+#   bash benchmarks/run_gpu_host.sh profile    # Nsight Compute on one compress and decompress launch
 #   bash benchmarks/run_gpu_host.sh fidelity   # carry .gpu/fidelity: train + evaluate
 # Phases may be chained in one call: `build codec`, `e2e fidelity`. SKIP_KERNEL_TESTS=1
 # and SKIP_MEMCHECK=1 shorten `build` when the kernels are unchanged. A call brings back
@@ -143,6 +144,18 @@ model = Path(sys.argv[1])
 EOF2
 }
 
+# Nsight Compute on the first compress and decompress launch of a bf16 sweep point
+# (docs/codec.md, "Measurements"): stall reasons, occupancy, memory throughput.
+profile() {
+  command -v ncu > /dev/null || { echo "ncu not found"; status=1; return; }
+  ncu --set full --kernel-name regex:"compress_kernel|decompress_kernel" --launch-count 2 \
+    --csv --page details python3 benchmarks/benchmark_codec.py --out "$OUT/profile_codec" \
+    --dtypes bf16 --modes plain --rel-ebs 1e-2 --warmup 0 --iters 1 \
+    > "$OUT/ncu_codec.csv" 2> "$OUT/ncu_codec.log" || status=1
+  grep -E '"(Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Issue Slots Busy|Warp Cycles Per Issued Instruction|Executed Ipc Active)"' \
+    "$OUT/ncu_codec.csv" | cut -d, -f5,13- | head -40
+}
+
 # KVCOMPRESS_ATTENTION_BACKEND (default TRITON_ATTN) picks vLLM's attention backend
 # for the end-to-end tests, OFFLOAD_ATTENTION_BACKEND (default FLASH_ATTN) for the
 # offload benchmark, so that both KV layouts run through the connector.
@@ -205,6 +218,7 @@ for phase in "${@:-build}"; do
     e2e) e2e ;;
     offload) offload ;;
     worker) worker ;;
+    profile) profile ;;
     fidelity) fidelity ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
