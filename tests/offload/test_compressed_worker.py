@@ -116,6 +116,35 @@ def test_large_jobs_run_in_chunks_through_small_staging() -> None:
         assert torch.allclose(c.float(), o.float(), atol=0.1)
 
 
+@pytest.mark.parametrize("blocks_per_chunk", [NUM_BLOCKS, 3])
+def test_one_codec_launch_per_chunk_covers_every_layer(
+        monkeypatch: pytest.MonkeyPatch, blocks_per_chunk: int) -> None:
+    """The host issues launches while the engine's step waits, and a launch per
+    layer would hold too few pages to fill a GPU: one per chunk and direction."""
+    from vllm_kvcompress.offload import worker as worker_module
+
+    calls = {"compress": 0, "decompress": 0}
+
+    def counting(name: str):
+        op = getattr(worker_module.ops, name)
+
+        def call(*args: object) -> None:
+            calls[name] += 1
+            assert len(args[0 if name == "compress" else 2]) == LAYERS
+            op(*args)
+        return call
+
+    caches = make_kv(torch.bfloat16)
+    worker = make_worker(caches, staging_bytes=blocks_per_chunk * worker_block_bytes(caches))
+    monkeypatch.setattr(worker_module.ops, "compress", counting("compress"))
+    monkeypatch.setattr(worker_module.ops, "decompress", counting("decompress"))
+    offsets = reserve_offsets(worker, NUM_BLOCKS)
+    store(worker, 0, list(range(NUM_BLOCKS)), offsets)
+    assert load(worker, 1, offsets, list(range(NUM_BLOCKS))) == set()
+    chunks = -(-NUM_BLOCKS // blocks_per_chunk)
+    assert calls == {"compress": chunks, "decompress": chunks}
+
+
 def worker_block_bytes(caches: list[torch.Tensor]) -> int:
     return make_worker(caches).reserve_bytes(0)
 
