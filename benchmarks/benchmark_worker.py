@@ -57,26 +57,24 @@ def kv_values(shape: tuple[int, ...], token_dim: int, device: torch.device,
 
 
 def build_caches(args: argparse.Namespace, device: torch.device
-                 ) -> tuple[CanonicalKVCaches, list[torch.Tensor], int]:
-    """Canonical block tensors (int8 views, one row per block) over real KV memory;
-    returns them, the typed tensors behind them, and the elements of one page."""
+                 ) -> tuple[CanonicalKVCaches, int]:
+    """Canonical block tensors (int8 views, one row per block) over real KV memory,
+    and the elements of one page."""
     dtype = DTYPES[args.dtype]
     page_elems = args.block_size * args.kv_heads * args.head_dim
-    typed, views = [], []
+    views = []
     if args.layout == "flash":
         for layer in range(args.layers):
             kv = kv_values((2, args.num_blocks, args.block_size, args.kv_heads, args.head_dim),
                            2, device, dtype, seed=layer)
-            typed.append(kv)
             views += [kv[i].view(torch.int8).view(args.num_blocks, -1) for i in range(2)]
     else:
         kv = kv_values((args.num_blocks, args.layers, args.block_size, args.kv_heads,
                         2 * args.head_dim), 2, device, dtype, seed=0)
-        typed.append(kv)
         views.append(kv.view(torch.int8).view(args.num_blocks, -1))
     tensors = [CanonicalKVCacheTensor(v, v.shape[1]) for v in views]
     refs = [[CanonicalKVCacheRef(i, v.shape[1]) for i, v in enumerate(views)]]
-    return CanonicalKVCaches(tensors=tensors, group_data_refs=refs), typed, page_elems
+    return CanonicalKVCaches(tensors=tensors, group_data_refs=refs), page_elems
 
 
 def run_job(worker: CompressedOffloadingWorker, submit, job_id: int, sync) -> dict[str, float]:
@@ -144,7 +142,7 @@ def max_error_over_bound(worker: CompressedOffloadingWorker, src: np.ndarray, ds
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    caches, _typed, page_elems = build_caches(args, device)
+    caches, page_elems = build_caches(args, device)
     blocks_per_prompt = args.tokens // args.block_size
     codec = CodecConfig(args.error_bound, True, CodecMode[args.mode.upper()], args.rows)
     # The worker sizes a block's reservation from the layout it derives, so it is

@@ -724,11 +724,12 @@ uint32_t dynamic_shared_memory_limit(Kernel kernel) {
   return static_cast<uint32_t>(limit) - static_cast<uint32_t>(attrs.sharedSizeBytes);
 }
 
-// Raises the kernel's dynamic shared-memory limit, or says why the page is too large.
+// Raises the kernel's dynamic shared-memory limit to `bytes`, or says why the page is
+// too large for `limit` (dynamic_shared_memory_limit).
 // Numbers are formatted before they reach TORCH_CHECK (see torch_bindings.cpp).
 template <typename Kernel>
-void prepare_shared_memory(Kernel kernel, uint32_t bytes, uint32_t n, int elem_bytes) {
-  const uint32_t limit = dynamic_shared_memory_limit(kernel);
+void prepare_shared_memory(Kernel kernel, uint32_t bytes, uint32_t limit, uint32_t n,
+                           int elem_bytes) {
   TORCH_CHECK_VALUE(bytes <= limit, "kvcompress: pages of " + std::to_string(n) + " x " +
                     std::to_string(elem_bytes) + " bytes need " + std::to_string(bytes) +
                     " bytes of shared memory; this GPU allows " + std::to_string(limit) +
@@ -767,14 +768,14 @@ void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb
     const int elem = sizeof(typename CudaType<code>::type);
     args.geometry = page_geometry(n, args.rows, elem, aligned);
     args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
-    if (shared_layout(args.page_smem_bytes, n).total() >
-        dynamic_shared_memory_limit(compress_kernel<code>)) {
+    const uint32_t limit = dynamic_shared_memory_limit(compress_kernel<code>);
+    if (shared_layout(args.page_smem_bytes, n).total() > limit) {
       // No room for the padding: bank conflicts are slower, not wrong.
       args.geometry = page_geometry(n, args.rows, elem, false);
       args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
     }
     const uint32_t smem = shared_layout(args.page_smem_bytes, n).total();
-    prepare_shared_memory(compress_kernel<code>, smem, n, elem);
+    prepare_shared_memory(compress_kernel<code>, smem, limit, n, elem);
     compress_kernel<code><<<static_cast<unsigned>(num), kThreads, smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -801,13 +802,13 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
     constexpr uint8_t code = decltype(tag)::value;
     const int elem = sizeof(typename CudaType<code>::type);
     args.page_smem_bytes = max_staged_page_bytes(n, elem);
-    if (shared_layout(args.page_smem_bytes, n).total() >
-        dynamic_shared_memory_limit(decompress_kernel<code>)) {
+    const uint32_t limit = dynamic_shared_memory_limit(decompress_kernel<code>);
+    if (shared_layout(args.page_smem_bytes, n).total() > limit) {
       args.allow_padding = false;
       args.page_smem_bytes = round_up(n * elem, 16);
     }
     const uint32_t smem = shared_layout(args.page_smem_bytes, n).total();
-    prepare_shared_memory(decompress_kernel<code>, smem, n, elem);
+    prepare_shared_memory(decompress_kernel<code>, smem, limit, n, elem);
     decompress_kernel<code><<<static_cast<unsigned>(dst_page_ids.numel()), kThreads, smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

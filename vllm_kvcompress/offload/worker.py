@@ -324,21 +324,19 @@ class CompressedOffloadingWorker(OffloadingWorker):
         tensors = self.group_tensors[group]
         staging = self._staging(n * self.reserve_bytes(group), store=True)
         ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
+        dst = torch.from_numpy(offsets).to(device, non_blocking=True)
         if self.compressible:
             seg_src, lengths, rec_sizes, checksums, reasons = self._compress(tensors, ids, staging)
             raw_pages = reasons.sum(1)
             # A block's records are contiguous in staging: one segment per block.
             status = torch.empty(n, dtype=torch.int32, device=device)
-            ops.copy_segments(staging, seg_src, self.arena,
-                              torch.from_numpy(offsets).to(device, non_blocking=True),
-                              lengths, status)
+            ops.copy_segments(staging, seg_src, self.arena, dst, lengths, status)
             ok = status == 0
         else:
             status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
             rec_sizes = torch.tensor([self.layouts[t].block_bytes for t in tensors],
                                      device=device).expand(n, -1)
-            starts = torch.from_numpy(offsets).to(device, non_blocking=True)[:, None] + (
-                rec_sizes.cumsum(1) - rec_sizes)
+            starts = dst[:, None] + rec_sizes.cumsum(1) - rec_sizes
             for i, t in enumerate(tensors):
                 layout = self.layouts[t]
                 ops.copy_segments(layout.raw, layout.raw_offset + ids * layout.raw_stride,
@@ -389,23 +387,19 @@ class CompressedOffloadingWorker(OffloadingWorker):
 
     def _collect_store(self, report: np.ndarray, offsets: np.ndarray,
                        reports: dict[int, tuple[int, int, int]]) -> int:
-        written = 0
-        for row, offset in zip(report, offsets):
-            nbytes = int(row[0])
-            reports[int(offset)] = (nbytes, int(row[1]), int(row[2]))
-            if nbytes > 0:
-                self._records[int(offset)] = row[_REPORT_COLUMNS:].copy()
-                written += nbytes
-                self.counters.blocks_stored += 1
-                self.counters.raw_pages += int(row[1])
-                self._count_raw_reasons(row[3:_REPORT_COLUMNS])
-                self.counters.raw_bytes_stored += self._raw_bytes_per_block
+        """Records one chunk's report; returns the bytes it wrote."""
+        for row, offset in zip(report, offsets.tolist()):
+            reports[offset] = (int(row[0]), int(row[1]), int(row[2]))
+            if row[0] > 0:
+                self._records[offset] = row[_REPORT_COLUMNS:].copy()
             else:
-                self._records.pop(int(offset), None)
-        return written
-
-    def _count_raw_reasons(self, per_reason: np.ndarray) -> None:
+                self._records.pop(offset, None)
+        stored = report[report[:, 0] > 0]
         c = self.counters
+        c.blocks_stored += len(stored)
+        c.raw_bytes_stored += len(stored) * self._raw_bytes_per_block
+        c.raw_pages += int(stored[:, 1].sum())
+        per_reason = stored[:, 3:_REPORT_COLUMNS].sum(0)
         c.raw_pages_non_finite += int(per_reason[0])
         c.raw_pages_bound_unattainable += int(per_reason[1])
         c.raw_pages_no_gain += int(per_reason[2])
@@ -418,7 +412,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 "finer than %s can represent for their values; raise "
                 "--compression-error-bound (docs/tuning.md) to compress them",
                 self.codec.error_bound, " (relative)" if self.codec.relative else "",
-                self.layouts[0].pages.dtype if self.layouts[0].pages is not None else "the dtype")
+                self.layouts[0].pages.dtype)
+        return int(stored[:, 0].sum())
 
     # --- load ---
 
@@ -429,9 +424,9 @@ class CompressedOffloadingWorker(OffloadingWorker):
         n = len(block_ids)
         device = self._dev.device
         tensors = self.group_tensors[group]
-        per_block = [self.layouts[t].pages_per_block if self.compressible else 1
-                     for t in tensors]
-        pages_per_block = sum(per_block)
+        # Records per block: every page of every tensor, or one raw copy per tensor.
+        k = self.layouts[tensors[0]].pages_per_block if self.compressible else 1
+        pages_per_block = k * len(tensors)
         missing = np.zeros(n, dtype=bool)
         sizes = np.zeros((n, pages_per_block), dtype=np.int64)
         for i, offset in enumerate(offsets):
@@ -455,7 +450,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
             status = torch.empty(n * pages_per_block, dtype=torch.int32, device=device)
             ops.decompress(staging, records.view(-1, 2),
                            [self.layouts[t].pages for t in tensors],
-                           self._page_ids(tensors, ids, per_block[0]), status)
+                           self._page_ids(tensors, ids, k), status)
             failed |= (status.view(n, -1) != DecodeStatus.OK).any(1)
         else:
             status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
