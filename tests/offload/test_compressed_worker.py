@@ -120,7 +120,9 @@ def test_large_jobs_run_in_chunks_through_small_staging() -> None:
 def test_one_codec_launch_per_chunk_covers_every_layer(
         monkeypatch: pytest.MonkeyPatch, blocks_per_chunk: int) -> None:
     """The host issues launches while the engine's step waits, and a launch per
-    layer would hold too few pages to fill a GPU: one per chunk and direction."""
+    layer would hold too few pages to fill a GPU: one per chunk and direction.
+    A store's chunks are sized by each block's worst case, a load's by the bytes
+    actually stored, so a load needs fewer."""
     from vllm_kvcompress.offload import worker as worker_module
 
     calls = {"compress": 0, "decompress": 0}
@@ -135,14 +137,17 @@ def test_one_codec_launch_per_chunk_covers_every_layer(
         return call
 
     caches = make_kv(torch.bfloat16)
-    worker = make_worker(caches, staging_bytes=blocks_per_chunk * worker_block_bytes(caches))
+    staging = blocks_per_chunk * worker_block_bytes(caches)
+    worker = make_worker(caches, staging_bytes=staging)
     monkeypatch.setattr(worker_module.ops, "compress", counting("compress"))
     monkeypatch.setattr(worker_module.ops, "decompress", counting("decompress"))
     offsets = reserve_offsets(worker, NUM_BLOCKS)
-    store(worker, 0, list(range(NUM_BLOCKS)), offsets)
+    reports = store(worker, 0, list(range(NUM_BLOCKS)), offsets)
     assert load(worker, 1, offsets, list(range(NUM_BLOCKS))) == set()
-    chunks = -(-NUM_BLOCKS // blocks_per_chunk)
-    assert calls == {"compress": chunks, "decompress": chunks}
+    stored = np.array([reports[o][0] for o in offsets])
+    load_chunks = len(np.unique((np.cumsum(stored) - stored) // staging))
+    assert calls == {"compress": -(-NUM_BLOCKS // blocks_per_chunk), "decompress": load_chunks}
+    assert load_chunks < calls["compress"] or blocks_per_chunk == NUM_BLOCKS
 
 
 def worker_block_bytes(caches: list[torch.Tensor]) -> int:
@@ -248,3 +253,41 @@ def test_store_reports_bytes_written_equal_to_records() -> None:
     for offset in offsets:
         assert reports[offset][0] == int(np.sum(worker._records[offset]))
         assert reports[offset][0] % 16 == 0
+
+
+def test_store_report_checksum_sums_the_record_headers_in_the_arena() -> None:
+    """The block table keeps, per block, the sum of its records' checksums; walk
+    the records by their headers (docs/format.md) to recompute it."""
+    caches = make_kv(torch.bfloat16)
+    caches[0][5, 1, 0, 0, 0] = float("inf")  # one raw record among compressed ones
+    worker = make_worker(caches)
+    offsets = reserve_offsets(worker, 2)
+    reports = store(worker, 0, [5, 8], offsets)
+    arena = worker.arena.numpy()
+    for offset in offsets:
+        pos, total = offset, 0
+        for _ in range(2 * LAYERS):
+            header = arena[pos:pos + 32]
+            assert header[:4].view("<u4")[0] == 0x315A564B
+            total += int(header[28:32].view("<u4")[0])
+            payload = int(header[24:28].view("<u4")[0])
+            pos += -(-(32 + payload) // 16) * 16
+        assert reports[offset][0] == pos - offset
+        assert reports[offset][2] == total % 2**32
+    assert reports[offsets[0]][1] == 1 and reports[offsets[1]][1] == 0
+
+
+def test_load_of_known_and_unknown_blocks_restores_the_known_ones() -> None:
+    caches = make_kv(torch.float16)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches)
+    offsets = reserve_offsets(worker, 2)
+    store(worker, 0, [1, 2], offsets)
+    for c in caches:
+        c.zero_()
+    unknown = offsets[1] + worker.reserve_bytes(0)
+    assert load(worker, 1, [offsets[0], unknown, offsets[1]], [4, 6, 9]) == {6}
+    for c, o in zip(caches, original):
+        assert torch.allclose(c[4].float(), o[1].float(), atol=0.1)
+        assert torch.allclose(c[9].float(), o[2].float(), atol=0.1)
+        assert (c[6] == 0).all()

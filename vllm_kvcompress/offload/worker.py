@@ -1,12 +1,13 @@
 """Worker-side transfers of compressed offloading: GPU KV cache <-> host arena.
 
-Store: on a side stream that first waits for the model's stream, each block's pages
-(every layer in the block's KV group, K and V) are compressed into a GPU staging
-buffer; a segment-copy kernel then writes only the compressed records into the
-block's reservation in the pinned host arena, reading their sizes on the device.
-The per-block sizes, raw-page counts and checksums come back in a small pinned
-buffer that :meth:`CompressedOffloadingWorker.get_finished` reads once the job's
-event has fired; nothing here waits on the model's stream.
+Store: on a side stream that first waits for the model's stream, the pages of a
+chunk of blocks (every layer in the blocks' KV group, K and V) are compressed in
+one launch into a GPU staging buffer; a segment-copy kernel then writes only the
+compressed records into each block's reservation in the pinned host arena, reading
+their sizes on the device. The codec's page table comes back in a pinned buffer
+that :meth:`CompressedOffloadingWorker.get_finished` reads once the job's event
+has fired, and the per-block sizes, raw-page counts and checksums are worked out
+from it on the host; nothing here waits on the model's stream.
 
 Load: the block's records are copied from the arena into a GPU staging buffer and
 decompressed straight into the destination blocks of the paged KV cache. A page
@@ -54,11 +55,9 @@ logger = init_logger(__name__)
 # GPU staging is bounded so that a long prompt's store does not claim memory vLLM's
 # profiler never saw; larger jobs run as several chunks through the same buffer.
 DEFAULT_STAGING_BYTES = 64 << 20
-_CHECKSUM_WORD = 7  # header bytes 28..31 (docs/format.md)
+_CHECKSUM_BYTE = 28  # of a record's header (docs/format.md)
 _RAW_REASONS = (CompressStatus.RAW_NON_FINITE, CompressStatus.RAW_BOUND_UNATTAINABLE,
                 CompressStatus.RAW_NO_GAIN)
-# Store report columns before the record sizes: bytes, raw pages, checksum, reasons.
-_REPORT_COLUMNS = 3 + len(_RAW_REASONS)
 
 
 @dataclass(frozen=True)
@@ -170,6 +169,43 @@ class _Job:
         return self.start.elapsed_time(self.end) * 1e-3
 
 
+@dataclass
+class _StoreBatch:
+    """One KV group's part of a store, read on the host once the job has finished."""
+
+    offsets: np.ndarray
+    # (copies, blocks) pinned status of the segment copies into the arena
+    copy_status: torch.Tensor
+    # (blocks, records, 3) pinned page table of the codec; None when stored raw
+    pages: torch.Tensor | None
+    # record sizes of a block stored raw (one record per tensor)
+    raw_sizes: np.ndarray | None
+
+
+@dataclass
+class _LoadBatch:
+    """One KV group's part of a load, read on the host once the job has finished."""
+
+    block_ids: np.ndarray
+    offsets: np.ndarray
+    # blocks this rank never stored: failed loads that copy nothing
+    missing: np.ndarray
+    nbytes: int = 0
+    # (copies, present blocks) pinned status of the copies out of the arena
+    copy_status: torch.Tensor | None = None
+    # (present blocks, records) pinned decode status of every page
+    page_status: torch.Tensor | None = None
+
+    def failed(self) -> np.ndarray:
+        failed = self.missing.copy()
+        if self.copy_status is not None:
+            bad = (self.copy_status.numpy() != 0).any(0)
+            if self.page_status is not None:
+                bad |= (self.page_status.numpy() != DecodeStatus.OK).any(1)
+            failed[~self.missing] = bad
+        return failed
+
+
 class CompressedOffloadingWorker(OffloadingWorker):
     """Compresses KV blocks into, and restores them from, a pinned host arena."""
 
@@ -243,16 +279,13 @@ class CompressedOffloadingWorker(OffloadingWorker):
             stream.wait_stream(torch.cuda.current_stream(self._dev.device))
         with _on(stream), _nvtx("kvcompress.store"):
             start = self._dev.event(stream)
-            results: list[tuple[torch.Tensor, np.ndarray]] = []
-            for group, block_ids, offsets in self._chunks(src_spec, dst_spec):
-                results.append((self._store_chunk(group, block_ids, offsets), offsets))
+            batches = [self._store_group(group, block_ids, offsets)
+                       for group, block_ids, offsets in self._groups(src_spec, dst_spec)]
             end = self._dev.event(stream)
 
         def finish() -> TransferResult:
-            stored = 0
             reports = self.store_reports.setdefault(job_id, {})
-            for host, offsets in results:
-                stored += self._collect_store(host.numpy(), offsets, reports)
+            stored = sum(self._collect_store(batch, reports) for batch in batches)
             self.counters.bytes_stored += stored
             return TransferResult(job_id=job_id, success=True, transfer_size=stored,
                                   transfer_time=job.seconds())
@@ -267,24 +300,21 @@ class CompressedOffloadingWorker(OffloadingWorker):
         stream = self._load_stream
         with _on(stream), _nvtx("kvcompress.load"):
             start = self._dev.event(stream)
-            results: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
-            loaded = 0
-            for group, block_ids, offsets in self._chunks(dst_spec, src_spec):
-                host, nbytes = self._load_chunk(group, block_ids, offsets)
-                results.append((host, block_ids, offsets))
-                loaded += nbytes
+            batches = [self._load_group(group, block_ids, offsets)
+                       for group, block_ids, offsets in self._groups(dst_spec, src_spec)]
             end = self._dev.event(stream)
+        loaded = sum(batch.nbytes for batch in batches)
 
         def finish() -> TransferResult:
             self.counters.bytes_loaded += loaded
-            for host, block_ids, offsets in results:
-                failed = host.numpy() != 0
+            for batch in batches:
+                failed = batch.failed()
                 self.counters.blocks_loaded += int((~failed).sum())
                 self.counters.failed_loads += int(failed.sum())
-                self.failed_load_block_ids.update(int(b) for b in block_ids[failed])
                 if failed.any():
+                    self.failed_load_block_ids.update(int(b) for b in batch.block_ids[failed])
                     self.failed_loads.setdefault(job_id, []).extend(
-                        int(o) for o in offsets[failed])
+                        int(o) for o in batch.offsets[failed])
                     logger.warning("%d offloaded KV blocks failed their checks on reload; "
                                    "they will be recomputed", int(failed.sum()))
             return TransferResult(job_id=job_id, success=True, transfer_size=loaded,
@@ -313,69 +343,54 @@ class CompressedOffloadingWorker(OffloadingWorker):
         self._records.clear()
 
     # --- store ---
+    # The host issues these launches while the engine's next step waits for it, so
+    # a group costs a fixed handful of launches per chunk; everything the scheduler
+    # needs is worked out on the host from one copy of the page table.
 
-    def _store_chunk(self, group: int, block_ids: np.ndarray,
-                     offsets: np.ndarray) -> torch.Tensor:
-        """Compresses and writes one chunk of blocks; returns the pinned report,
-        per block ``[bytes written (0 = failed), raw pages, checksum, raw pages per
-        reason (_RAW_REASONS)..., record sizes...]``."""
+    def _store_group(self, group: int, block_ids: np.ndarray,
+                     offsets: np.ndarray) -> _StoreBatch:
         n = len(block_ids)
         device = self._dev.device
         tensors = self.group_tensors[group]
-        staging = self._staging(n * self.reserve_bytes(group), store=True)
-        ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
-        dst = torch.from_numpy(offsets).to(device, non_blocking=True)
-        if self.compressible:
-            seg_src, lengths, rec_sizes, checksums, reasons = self._compress(tensors, ids, staging)
-            raw_pages = reasons.sum(1)
-            # A block's records are contiguous in staging: one segment per block.
-            status = torch.empty(n, dtype=torch.int32, device=device)
-            ops.copy_segments(staging, seg_src, self.arena, dst, lengths, status)
-            ok = status == 0
-        else:
-            status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
-            rec_sizes = torch.tensor([self.layouts[t].block_bytes for t in tensors],
-                                     device=device).expand(n, -1)
-            starts = dst[:, None] + rec_sizes.cumsum(1) - rec_sizes
-            for i, t in enumerate(tensors):
-                layout = self.layouts[t]
-                ops.copy_segments(layout.raw, layout.raw_offset + ids * layout.raw_stride,
-                                  self.arena, starts[:, i].contiguous(),
-                                  rec_sizes[:, i].contiguous(), status[i])
-            ok = (status == 0).all(0)
-            lengths = rec_sizes.sum(1)
-            checksums = torch.zeros(n, dtype=torch.int64, device=device)
-            reasons = torch.zeros((n, len(_RAW_REASONS)), dtype=torch.int64, device=device)
-            raw_pages = torch.full((n,), len(tensors), dtype=torch.int64, device=device)
-        report = torch.cat([
-            (lengths * ok)[:, None],
-            raw_pages[:, None],
-            (checksums & 0xFFFFFFFF)[:, None],
-            reasons,
-            rec_sizes,
-        ], 1)
-        host = self._dev.host_buffer(tuple(report.shape), torch.int64)
-        host.copy_(report, non_blocking=True)
-        return host
-
-    def _compress(self, tensors: list[int], ids: torch.Tensor, staging: torch.Tensor,
-                  ) -> tuple[torch.Tensor, ...]:
-        """Compresses every page of blocks ``ids`` in every tensor of ``tensors`` in one
-        launch, block by block, so that a block's records lie together in staging.
-        Returns per block the staging offset and length of its records, its record
-        sizes (tensor-major), checksum sum and raw pages per reason."""
-        n = ids.numel()
+        both = torch.from_numpy(np.concatenate([block_ids, offsets])).to(device,
+                                                                         non_blocking=True)
+        ids, dst = both[:n], both[n:]
+        if not self.compressible:
+            return self._store_raw(tensors, ids, dst, offsets)
         k = self.layouts[tensors[0]].pages_per_block
+        per_block = k * len(tensors)
         page_ids = self._page_ids(tensors, ids, k)
-        table = torch.empty((page_ids.numel(), 3), dtype=torch.int64, device=ids.device)
-        ops.compress([self.layouts[t].pages for t in tensors], page_ids, self.codec.error_bound,
-                     self.codec.relative, int(self.codec.mode), self.codec.rows, staging, table)
-        pages = table.view(n, -1, 3)
-        rec_sizes = pages[..., 1]
-        words = staging.view(torch.int32)[pages[..., 0] // 4 + _CHECKSUM_WORD]
-        return (pages[:, 0, 0].contiguous(), rec_sizes.sum(1), rec_sizes,
-                words.to(torch.int64).sum(1),
-                torch.stack([(pages[..., 2] == int(r)).sum(1) for r in _RAW_REASONS], 1))
+        views = [self.layouts[t].pages for t in tensors]
+        table = torch.empty((n, per_block, 3), dtype=torch.int64, device=device)
+        lengths = torch.empty(n, dtype=torch.int64, device=device)
+        status = torch.empty(n, dtype=torch.int32, device=device)
+        step = max(1, self._staging_bytes // self.reserve_bytes(group))
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            part = table[lo:hi]
+            staging = self._staging((hi - lo) * self.reserve_bytes(group), store=True)
+            ops.compress(views, page_ids[lo * per_block:hi * per_block], self.codec.error_bound,
+                         self.codec.relative, int(self.codec.mode), self.codec.rows, staging,
+                         part.view(-1, 3))
+            # A block's records lie together in staging: one segment per block.
+            torch.sum(part[:, :, 1], 1, out=lengths[lo:hi])
+            ops.copy_segments(staging, part[:, 0, 0].contiguous(), self.arena, dst[lo:hi],
+                              lengths[lo:hi], status[lo:hi])
+        return _StoreBatch(offsets, self._to_host(status[None]), self._to_host(table), None)
+
+    def _store_raw(self, tensors: list[int], ids: torch.Tensor, dst: torch.Tensor,
+                   offsets: np.ndarray) -> _StoreBatch:
+        """Copies each tensor's part of the blocks into the arena as it is."""
+        n = ids.numel()
+        sizes = np.array([self.layouts[t].block_bytes for t in tensors], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        status = torch.empty((len(tensors), n), dtype=torch.int32, device=ids.device)
+        for i, t in enumerate(tensors):
+            layout = self.layouts[t]
+            length = torch.full((n,), layout.block_bytes, dtype=torch.int64, device=ids.device)
+            ops.copy_segments(layout.raw, layout.raw_offset + ids * layout.raw_stride,
+                              self.arena, dst + int(starts[i]), length, status[i])
+        return _StoreBatch(offsets, self._to_host(status), None, sizes)
 
     def _page_ids(self, tensors: list[int], ids: torch.Tensor, k: int) -> torch.Tensor:
         """Ids, in the codec's numbering over the tensors' page views, of pages
@@ -385,21 +400,38 @@ class CompressedOffloadingWorker(OffloadingWorker):
         return (ids[:, None, None] * k + view[None, :, None]
                 + self._page_in_block[:k][None, None, :]).reshape(-1)
 
-    def _collect_store(self, report: np.ndarray, offsets: np.ndarray,
-                       reports: dict[int, tuple[int, int, int]]) -> int:
-        """Records one chunk's report; returns the bytes it wrote."""
-        for row, offset in zip(report, offsets.tolist()):
-            reports[offset] = (int(row[0]), int(row[1]), int(row[2]))
-            if row[0] > 0:
-                self._records[offset] = row[_REPORT_COLUMNS:].copy()
+    def _collect_store(self, batch: _StoreBatch, reports: dict[int, tuple[int, int, int]],
+                       ) -> int:
+        """Records one group's store once its job has finished; returns the bytes
+        it wrote."""
+        n = len(batch.offsets)
+        ok = (batch.copy_status.numpy() == 0).all(0)
+        if batch.pages is not None:
+            table = batch.pages.numpy()
+            sizes, status = table[:, :, 1], table[:, :, 2]
+            ok &= (status != CompressStatus.BAD_SOURCE_INDEX).all(1)
+            reasons = np.stack([(status == r).sum(1) for r in _RAW_REASONS], 1)
+            raw_pages = reasons.sum(1)
+            checksums = self._checksums(batch.offsets, sizes, ok)
+        else:
+            sizes = np.broadcast_to(batch.raw_sizes, (n, len(batch.raw_sizes)))
+            reasons = np.zeros((n, len(_RAW_REASONS)), dtype=np.int64)
+            raw_pages = np.full(n, len(batch.raw_sizes))
+            checksums = np.zeros(n, dtype=np.int64)
+        written = sizes.sum(1) * ok
+        for offset, nbytes, raw, checksum, rec in zip(
+                batch.offsets.tolist(), written.tolist(), raw_pages.tolist(),
+                checksums.tolist(), sizes):
+            reports[offset] = (nbytes, raw, checksum)
+            if nbytes > 0:
+                self._records[offset] = rec.copy()
             else:
                 self._records.pop(offset, None)
-        stored = report[report[:, 0] > 0]
         c = self.counters
-        c.blocks_stored += len(stored)
-        c.raw_bytes_stored += len(stored) * self._raw_bytes_per_block
-        c.raw_pages += int(stored[:, 1].sum())
-        per_reason = stored[:, 3:_REPORT_COLUMNS].sum(0)
+        c.blocks_stored += int(ok.sum())
+        c.raw_bytes_stored += int(ok.sum()) * self._raw_bytes_per_block
+        c.raw_pages += int(raw_pages[ok].sum())
+        per_reason = reasons[ok].sum(0)
         c.raw_pages_non_finite += int(per_reason[0])
         c.raw_pages_bound_unattainable += int(per_reason[1])
         c.raw_pages_no_gain += int(per_reason[2])
@@ -413,58 +445,96 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 "--compression-error-bound (docs/tuning.md) to compress them",
                 self.codec.error_bound, " (relative)" if self.codec.relative else "",
                 self.layouts[0].pages.dtype)
-        return int(stored[:, 0].sum())
+        return int(written.sum())
+
+    def _checksums(self, offsets: np.ndarray, sizes: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Per block, the sum mod 2^32 of its records' header checksums, read from
+        the arena where the records landed."""
+        arena = self.arena.numpy()
+        starts = offsets[:, None] + np.cumsum(sizes, 1) - sizes + _CHECKSUM_BYTE
+        starts = np.where(ok[:, None], starts, 0)
+        words = arena[starts[..., None] + np.arange(4)].view("<u4")[..., 0]
+        return (words.sum(1, dtype=np.uint64) & 0xFFFFFFFF).astype(np.int64) * ok
 
     # --- load ---
 
-    def _load_chunk(self, group: int, block_ids: np.ndarray,
-                    offsets: np.ndarray) -> tuple[torch.Tensor, int]:
-        """Copies one chunk of blocks to the GPU and decodes them into the KV cache;
-        returns the pinned per-block failure flags and the bytes moved."""
-        n = len(block_ids)
+    def _load_group(self, group: int, block_ids: np.ndarray,
+                    offsets: np.ndarray) -> _LoadBatch:
+        """Copies one group's blocks to the GPU and decodes them into the KV cache."""
         device = self._dev.device
         tensors = self.group_tensors[group]
         # Records per block: every page of every tensor, or one raw copy per tensor.
         k = self.layouts[tensors[0]].pages_per_block if self.compressible else 1
-        pages_per_block = k * len(tensors)
-        missing = np.zeros(n, dtype=bool)
-        sizes = np.zeros((n, pages_per_block), dtype=np.int64)
-        for i, offset in enumerate(offsets):
-            rec = self._records.get(int(offset))
-            if rec is None or len(rec) != pages_per_block:
+        per_block = k * len(tensors)
+        missing = np.zeros(len(block_ids), dtype=bool)
+        sizes = np.zeros((len(block_ids), per_block), dtype=np.int64)
+        for i, offset in enumerate(offsets.tolist()):
+            rec = self._records.get(offset)
+            if rec is None or len(rec) != per_block:
                 missing[i] = True  # never stored by this rank: treat as a failed load
             else:
                 sizes[i] = rec
+        batch = _LoadBatch(block_ids, offsets, missing)
+        present = ~missing
+        sizes = sizes[present]
+        m = len(sizes)
+        if m == 0:
+            return batch
+        batch.nbytes = int(sizes.sum())
+        if not self.compressible:
+            both = torch.from_numpy(np.concatenate([block_ids[present], offsets[present]]))
+            both = both.to(device, non_blocking=True)
+            batch.copy_status = self._to_host(self._load_raw(tensors, both[:m], both[m:]))
+            return batch
         totals = sizes.sum(1)
-        starts = np.cumsum(totals) - totals
-        staging = self._staging(int(totals.sum()), store=False)
-        seg = torch.from_numpy(np.stack([offsets, starts, totals])).to(device, non_blocking=True)
-        seg_status = torch.empty(n, dtype=torch.int32, device=device)
-        ops.copy_segments(self.arena, seg[0], staging, seg[1], seg[2], seg_status)
-        failed = (seg_status != 0) | torch.from_numpy(missing).to(device, non_blocking=True)
-        rec_starts = starts[:, None] + np.cumsum(sizes, 1) - sizes
-        # (offset, nbytes) of every record of the chunk, sent in one copy.
-        records = torch.from_numpy(np.stack([rec_starts, sizes], 2)).to(device, non_blocking=True)
-        ids = torch.from_numpy(block_ids).to(device, non_blocking=True)
-        if self.compressible:
-            status = torch.empty(n * pages_per_block, dtype=torch.int32, device=device)
-            ops.decompress(staging, records.view(-1, 2),
-                           [self.layouts[t].pages for t in tensors],
-                           self._page_ids(tensors, ids, k), status)
-            failed |= (status.view(n, -1) != DecodeStatus.OK).any(1)
-        else:
-            status = torch.empty((len(tensors), n), dtype=torch.int32, device=device)
-            for i, t in enumerate(tensors):
-                layout = self.layouts[t]
-                length = torch.full((n,), layout.block_bytes, dtype=torch.int64, device=device)
-                ops.copy_segments(staging, records[:, i, 0].contiguous(), layout.raw,
-                                  layout.raw_offset + ids * layout.raw_stride, length, status[i])
-            failed |= (status != 0).any(0)
-        host = self._dev.host_buffer((n,), torch.int32)
-        host.copy_(failed.to(torch.int32), non_blocking=True)
-        return host, int(totals.sum())
+        ends = np.cumsum(totals)
+        begins = ends - totals
+        # Chunks by the bytes actually stored, so the staging buffer holds as many
+        # compressed blocks as fit.
+        chunk = begins // self._staging_bytes
+        firsts = np.flatnonzero(np.diff(chunk, prepend=-1))
+        seg_starts = begins - begins[firsts][np.searchsorted(firsts, np.arange(m), "right") - 1]
+        rec_starts = seg_starts[:, None] + np.cumsum(sizes, 1) - sizes
+        packed = torch.from_numpy(np.concatenate([
+            block_ids[present], offsets[present], seg_starts, totals,
+            np.stack([rec_starts, sizes], 2).ravel()])).to(device, non_blocking=True)
+        ids, src, seg, tot = (packed[i * m:(i + 1) * m] for i in range(4))
+        records = packed[4 * m:].view(m, per_block, 2)
+        page_ids = self._page_ids(tensors, ids, k)
+        views = [self.layouts[t].pages for t in tensors]
+        copy_status = torch.empty((1, m), dtype=torch.int32, device=device)
+        page_status = torch.empty((m, per_block), dtype=torch.int32, device=device)
+        for lo, hi in zip(firsts.tolist(), [*firsts[1:].tolist(), m]):
+            staging = self._staging(int(ends[hi - 1] - begins[lo]), store=False)
+            ops.copy_segments(self.arena, src[lo:hi], staging, seg[lo:hi], tot[lo:hi],
+                              copy_status[0, lo:hi])
+            ops.decompress(staging, records[lo:hi].view(-1, 2), views,
+                           page_ids[lo * per_block:hi * per_block], page_status[lo:hi].view(-1))
+        batch.copy_status = self._to_host(copy_status)
+        batch.page_status = self._to_host(page_status)
+        return batch
+
+    def _load_raw(self, tensors: list[int], ids: torch.Tensor, src: torch.Tensor,
+                  ) -> torch.Tensor:
+        """Copies blocks stored as they are from the arena into each tensor; returns
+        the per-tensor copy status."""
+        n = ids.numel()
+        status = torch.empty((len(tensors), n), dtype=torch.int32, device=ids.device)
+        start = 0
+        for i, t in enumerate(tensors):
+            layout = self.layouts[t]
+            length = torch.full((n,), layout.block_bytes, dtype=torch.int64, device=ids.device)
+            ops.copy_segments(self.arena, src + start, layout.raw,
+                              layout.raw_offset + ids * layout.raw_stride, length, status[i])
+            start += layout.block_bytes
+        return status
 
     # --- helpers ---
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        host = self._dev.host_buffer(tuple(t.shape), t.dtype)
+        host.copy_(t, non_blocking=True)
+        return host
 
     def _staging(self, nbytes: int, store: bool) -> torch.Tensor:
         # Grown on the side stream that uses it, so the caching allocator only
@@ -476,10 +546,10 @@ class CompressedOffloadingWorker(OffloadingWorker):
             self._staging_buffers[store] = buf
         return buf[:nbytes]
 
-    def _chunks(self, gpu_spec: GPULoadStoreSpec, arena_spec: ArenaLoadStoreSpec,
+    def _groups(self, gpu_spec: GPULoadStoreSpec, arena_spec: ArenaLoadStoreSpec,
                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(group, GPU block ids, arena offsets)`` in pieces that fit the staging
-        buffer; the specs list the same blocks in the same order."""
+        """``(group, GPU block ids, arena offsets)`` of each KV group with blocks in
+        the transfer; the specs list the same blocks in the same order."""
         blocks = _split_groups(gpu_spec, len(self.group_tensors))
         assert sum(len(b) for b in blocks) == len(arena_spec), (
             "compressed offloading needs one GPU block per offloaded block "
@@ -488,9 +558,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
         for group, block_ids in enumerate(blocks):
             offsets = arena_spec.offsets[first:first + len(block_ids)]
             first += len(block_ids)
-            step = max(1, self._staging_bytes // max(self.reserve_bytes(group), 1))
-            for lo in range(0, len(block_ids), step):
-                yield group, block_ids[lo:lo + step], offsets[lo:lo + step]
+            if len(block_ids):
+                yield group, block_ids, offsets
 
 
 def _split_groups(spec: GPULoadStoreSpec, num_groups: int) -> list[np.ndarray]:
