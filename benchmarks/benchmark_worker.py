@@ -41,6 +41,7 @@ from vllm.v1.kv_offload.base import (
     GPULoadStoreSpec,
 )
 from vllm_kvcompress.codec import CodecConfig, CodecMode
+from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND, DEFAULT_MODE
 from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
 from vllm_kvcompress.offload.worker import CompressedOffloadingWorker
 
@@ -224,8 +225,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=8192, help="one prompt's tokens")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    parser.add_argument("--error-bound", type=float, default=1e-2, help="relative")
-    parser.add_argument("--mode", choices=[m.name.lower() for m in CodecMode], default="plain")
+    parser.add_argument("--error-bound", type=float, default=DEFAULT_ERROR_BOUND,
+                        help="relative")
+    parser.add_argument("--mode", choices=[m.name.lower() for m in CodecMode],
+                        default=DEFAULT_MODE)
     parser.add_argument("--rows", type=int, default=1, help="codec stream order")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)

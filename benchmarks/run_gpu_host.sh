@@ -185,10 +185,11 @@ offload() {
   grep -v "offload configs" "$OUT/benchmark_offload.log" | tail -12
 }
 
-# One prompt's store and load through the worker alone, both KV layouts: host
-# launch time, GPU time and the PCIe roofline, with a profiler table.
+# One prompt's store and load through the worker alone, in each KV layout of
+# WORKER_LAYOUTS (default both): host launch time, GPU time and the PCIe roofline,
+# with a profiler table.
 worker() {
-  for layout in flash cross; do
+  for layout in ${WORKER_LAYOUTS:-flash cross}; do
     python3 benchmarks/benchmark_worker.py --layout "$layout" --profile \
       --out "$OUT/worker_$layout" > "$OUT/benchmark_worker_$layout.log" 2>&1 || status=1
     head -8 "$OUT/benchmark_worker_$layout.log"

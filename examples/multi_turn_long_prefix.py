@@ -32,6 +32,7 @@ from vllm import LLM, SamplingParams
 from vllm.v1.metrics.reader import Counter, Gauge
 
 from vllm_kvcompress import compressed_offload_kwargs
+from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND, DEFAULT_MODE, MODE_NAMES
 
 QUESTIONS = (
     "Which stations report light rain?",
@@ -125,8 +126,8 @@ def main() -> None:
                              "it must hold at least one --max-model-len sequence")
     parser.add_argument("--kv-offloading-size", type=float, default=2.0,
                         help="host cache size in GiB, the same for both runs")
-    parser.add_argument("--error-bound", type=float, default=1e-2)
-    parser.add_argument("--mode", choices=("fixed", "plain", "outlier"), default="plain")
+    parser.add_argument("--error-bound", type=float, default=DEFAULT_ERROR_BOUND)
+    parser.add_argument("--mode", choices=MODE_NAMES, default=DEFAULT_MODE)
     args = parser.parse_args()
 
     configs = {

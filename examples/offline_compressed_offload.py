@@ -23,6 +23,7 @@ import time
 from vllm import LLM, RequestOutput, SamplingParams
 
 from vllm_kvcompress import compressed_offload_kwargs
+from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND, DEFAULT_MODE, MODE_NAMES
 
 DOCUMENT = " ".join(
     f"Entry {i}: the relay station at kilometre {17 * i % 997} logs a temperature of "
@@ -56,8 +57,8 @@ def main() -> None:
     parser.add_argument("model", help="model name or path")
     parser.add_argument("--kv-offloading-size", type=float, default=4.0,
                         help="host arena size in GiB (total over tensor-parallel ranks)")
-    parser.add_argument("--error-bound", type=float, default=1e-2)
-    parser.add_argument("--mode", choices=("fixed", "plain", "outlier"), default="plain")
+    parser.add_argument("--error-bound", type=float, default=DEFAULT_ERROR_BOUND)
+    parser.add_argument("--mode", choices=MODE_NAMES, default=DEFAULT_MODE)
     args = parser.parse_args()
 
     llm = LLM(

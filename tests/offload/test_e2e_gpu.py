@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -195,7 +197,7 @@ def test_tiny_bound_matches_no_offloading_and_reloads(
 
 def test_default_bound_compresses_and_reloads(model_dir: str,
                                               reference: list[list[int]]) -> None:
-    first, second, counters = run_with_compression(model_dir, error_bound=1e-2)
+    first, second, counters = run_with_compression(model_dir, error_bound=DEFAULT_ERROR_BOUND)
     assert first == reference, "the first pass computes everything itself"
     assert counters["blocks_loaded"] > 0, counters
     assert counters["bytes_stored"] < counters["raw_bytes_stored"], counters
@@ -224,7 +226,7 @@ def test_vllm_serve_with_compression_answers(model_dir: str, tmp_path: Path) -> 
            "--port", str(port), "--enforce-eager", "--max-model-len", "1024",
            "--gpu-memory-utilization", "0.3", "--skip-tokenizer-init",
            "--kv-offloading-size", "1", "--enable-compression",
-           "--compression-error-bound", "0.01"]
+           "--compression-error-bound", str(DEFAULT_ERROR_BOUND)]
     if BACKEND:
         cmd += ["--attention-backend", BACKEND]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
