@@ -380,16 +380,21 @@ def reset_gpu_prefix_cache(llm: Any, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def recommend(rows: list[Row]) -> dict[str, float | None]:
-    """Per mode, the largest bound meeting the acceptance rule in every dtype measured."""
+def recommend(rows: list[Row], greedy: bool = True) -> dict[str, float | None]:
+    """Per mode, the largest bound meeting the acceptance rule in every dtype measured.
+
+    Only points that compress count: a bound finer than the dtype's rounding stores
+    every page raw and passes any rule without being a codec setting. With
+    ``greedy=False`` the greedy-agreement target is dropped, which is the rule's
+    fallback when no compressing bound meets both targets (docs/fidelity.md)."""
     result: dict[str, float | None] = {}
     for mode in sorted({r.mode for r in rows if r.kind == "compressed"}):
-        sel = [r for r in rows if r.mode == mode]
+        sel = [r for r in rows if r.mode == mode and (r.ratio is None or r.ratio > 1.01)]
         ok_ebs = None
-        for dtype in {r.dtype for r in sel}:
+        for dtype in {r.dtype for r in rows if r.mode == mode}:
             ok = {r.rel_eb for r in sel if r.dtype == dtype
                   and r.ppl_increase_pct <= MAX_PPL_INCREASE_PCT
-                  and r.greedy_identical >= MIN_GREEDY_IDENTICAL}
+                  and (not greedy or r.greedy_identical >= MIN_GREEDY_IDENTICAL)}
             ok_ebs = ok if ok_ebs is None else ok_ebs & ok
         result[mode] = max(ok_ebs) if ok_ebs else None
     return result
@@ -475,6 +480,7 @@ def write_json(out: Path, meta: dict, rows: list[Row], skipped: list[dict], star
             "seconds": time.time() - started}
     Path(f"{out}.json").write_text(json.dumps(
         {"meta": meta, "recommended_rel_eb": recommend(rows),
+         "recommended_rel_eb_without_greedy": recommend(rows, greedy=False),
          "controls_below_rule": controls_below_rule(rows),
          "points": [asdict(r) for r in rows], "skipped": skipped}, indent=1))
 
@@ -573,6 +579,11 @@ def main() -> None:
               f"{100 * MIN_GREEDY_IDENTICAL:.0f}% identical greedy continuations, per mode: "
               + ", ".join(f"{m}: {eb if eb is not None else 'none'}"
                           for m, eb in recommended.items()))
+    if recommended and not any(recommended.values()):
+        print(f"no compressing bound meets both; largest with ppl +<= {MAX_PPL_INCREASE_PCT}% "
+              "alone, per mode: " + ", ".join(
+                  f"{m}: {eb if eb is not None else 'none'}"
+                  for m, eb in recommend(rows, greedy=False).items()))
     for dtype, agreement in controls_below_rule(rows).items():
         print(f"{dtype}: the exact native control itself has {100 * agreement:.1f}% identical "
               "greedy continuations, so the rule cannot separate bounds here; read the "

@@ -46,7 +46,7 @@ def test_scores_refuse_logprobs_out_of_step_with_the_prompt() -> None:
 
 def test_a_control_below_the_rule_is_reported_not_hidden() -> None:
     def row(kind: str, greedy: float, mode: str | None = None, eb: float | None = None):
-        return SimpleNamespace(dtype="bf16", kind=kind, mode=mode, rel_eb=eb,
+        return SimpleNamespace(dtype="bf16", kind=kind, mode=mode, rel_eb=eb, ratio=None,
                                greedy_identical=greedy, ppl_increase_pct=0.0)
 
     rows = [row("baseline", 1.0), row("native", 0.8125), row("compressed", 0.75, "plain", 1e-2)]
@@ -54,3 +54,19 @@ def test_a_control_below_the_rule_is_reported_not_hidden() -> None:
     assert benchmark_fidelity.recommend(rows) == {"plain": None}
     rows[1].greedy_identical = 1.0
     assert benchmark_fidelity.controls_below_rule(rows) == {}
+
+
+def test_recommendation_skips_raw_points_and_falls_back_to_perplexity_alone() -> None:
+    """The 2026-11-23 bf16 sweep in small: 1e-3 is all raw (ratio 1), so it passes
+    both targets without compressing; no compressing bound keeps 95% greedy."""
+    def row(eb: float, ratio: float, ppl: float, greedy: float, dtype: str = "bf16"):
+        return SimpleNamespace(dtype=dtype, kind="compressed", mode="fixed", rel_eb=eb,
+                               ratio=ratio, ppl_increase_pct=ppl, greedy_identical=greedy)
+
+    rows = [row(1e-1, 6.10, 1.21, 0.031), row(3e-2, 3.90, 0.05, 0.25),
+            row(1e-2, 2.75, -0.004, 0.359), row(1e-3, 1.00, 0.0, 1.0)]
+    assert benchmark_fidelity.recommend(rows) == {"fixed": None}
+    assert benchmark_fidelity.recommend(rows, greedy=False) == {"fixed": 3e-2}
+    rows.append(row(3e-2, 3.99, 1.5, 0.34, dtype="fp16"))
+    assert benchmark_fidelity.recommend(rows, greedy=False) == {"fixed": None}, \
+        "a bound must pass in every dtype"
