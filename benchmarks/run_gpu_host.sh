@@ -15,6 +15,7 @@
 #   bash benchmarks/run_gpu_host.sh worker     # benchmark_worker.py: where an offload's time goes
 #   bash benchmarks/run_gpu_host.sh profile    # Nsight Compute on one compress and decompress launch
 #   bash benchmarks/run_gpu_host.sh fidelity   # carry .gpu/fidelity: train + evaluate
+#   bash benchmarks/run_gpu_host.sh examples   # carry .gpu/fidelity: examples/ on the test model
 # Phases may be chained in one call: `build codec`, `e2e fidelity`. SKIP_KERNEL_TESTS=1
 # and SKIP_MEMCHECK=1 shorten `build` when the kernels are unchanged. A call brings back
 # at most 8 files: point OUT at a scratch folder and tar it into the real $OUT.
@@ -196,6 +197,39 @@ worker() {
   done
 }
 
+# Every example in examples/ on the trained test model, shrunk to its 1024-token
+# context: the offline round trip, the multi-turn demo with a host cache that holds
+# the conversations only compressed, and the server with two client requests.
+examples() {
+  trained_model || { status=1; return; }
+  python3 examples/offline_compressed_offload.py "$MODEL_DIR" --kv-offloading-size 1 \
+    --max-model-len 1024 --document-entries 16 > "$OUT/example_offline.log" 2>&1 || status=1
+  grep -E "^(===|\[)" "$OUT/example_offline.log" | cut -c1-160
+  python3 examples/multi_turn_long_prefix.py "$MODEL_DIR" --conversations 8 --turns 3 \
+    --document-entries 16 --answer-tokens 16 --max-model-len 1024 --gpu-kv-blocks 128 \
+    --kv-offloading-size 0.015 > "$OUT/example_multi_turn.log" 2>&1 || status=1
+  tail -4 "$OUT/example_multi_turn.log"
+  # The test model's tokenizer has no chat template; the client sends a chat request.
+  printf '%s' "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:" \
+    > /tmp/chat.jinja
+  bash examples/serve_compressed_offload.sh "$MODEL_DIR" --max-model-len 1024 \
+    --gpu-memory-utilization 0.3 --chat-template /tmp/chat.jinja > "$OUT/example_serve.log" 2>&1 &
+  local server=$! up=0
+  for _ in $(seq 120); do
+    if curl -sf localhost:8000/health > /dev/null; then up=1; break; fi
+    sleep 1
+  done
+  if [ $up = 1 ]; then
+    { python3 examples/openai_client_request.py && python3 examples/openai_client_request.py; } \
+      > "$OUT/example_client.log" 2>&1 || status=1
+    curl -s localhost:8000/metrics | grep -E "^vllm:kv_offload_" >> "$OUT/example_client.log"
+    tail -15 "$OUT/example_client.log"
+  else
+    echo "the example server did not come up (example_serve.log)"; status=1
+  fi
+  kill "$server" 2> /dev/null; wait "$server" 2> /dev/null
+}
+
 vllm_phase() {
   python3 -m pytest tests/offload -q -rs -p no:cacheprovider --deselect tests/offload/test_e2e_gpu.py \
     > "$OUT/pytest_offload_cpu.log" 2>&1 || status=1
@@ -221,6 +255,7 @@ for phase in "${@:-build}"; do
     worker) worker ;;
     profile) profile ;;
     fidelity) fidelity ;;
+    examples) examples ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

@@ -25,12 +25,16 @@ from vllm import LLM, RequestOutput, SamplingParams
 from vllm_kvcompress import compressed_offload_kwargs
 from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND, DEFAULT_MODE, MODE_NAMES
 
-DOCUMENT = " ".join(
-    f"Entry {i}: the relay station at kilometre {17 * i % 997} logs a temperature of "
-    f"{(31 * i) % 45 - 10} degrees, a wind speed of {(13 * i) % 70} km/h and "
-    f"{'clear skies' if i % 3 else 'light rain'}."
-    for i in range(120)
-)
+
+
+def document(entries: int) -> str:
+    """A weather log of ``entries`` lines, about 30 tokens each: the shared prefix."""
+    return " ".join(
+        f"Entry {i}: the relay station at kilometre {17 * i % 997} logs a temperature of "
+        f"{(31 * i) % 45 - 10} degrees, a wind speed of {(13 * i) % 70} km/h and "
+        f"{'clear skies' if i % 3 else 'light rain'}."
+        for i in range(entries))
+
 QUESTIONS = (
     "Which entries report light rain at temperatures below zero?",
     "What is the highest wind speed in the log?",
@@ -59,11 +63,14 @@ def main() -> None:
                         help="host arena size in GiB (total over tensor-parallel ranks)")
     parser.add_argument("--error-bound", type=float, default=DEFAULT_ERROR_BOUND)
     parser.add_argument("--mode", choices=MODE_NAMES, default=DEFAULT_MODE)
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--document-entries", type=int, default=120,
+                        help="lines of the shared document; lower it for short-context models")
     args = parser.parse_args()
 
     llm = LLM(
         args.model,
-        max_model_len=8192,
+        max_model_len=args.max_model_len,
         **compressed_offload_kwargs(
             kv_offloading_size=args.kv_offloading_size,
             error_bound=args.error_bound,
@@ -71,7 +78,8 @@ def main() -> None:
             relative=True,
         ),
     )
-    prompts = [f"{DOCUMENT}\n\nQuestion: {q}\nAnswer:" for q in QUESTIONS]
+    shared = document(args.document_entries)
+    prompts = [f"{shared}\n\nQuestion: {q}\nAnswer:" for q in QUESTIONS]
     params = SamplingParams(temperature=0.0, max_tokens=48)
 
     report("first round: prefix computed, stored to the host", llm.generate(prompts, params))
