@@ -236,11 +236,11 @@ class CompressedOffloadingWorker(OffloadingWorker):
             logger.warning("KV cache dtype %s (or its layout) is not one the codec takes "
                            "(fp16, bf16, fp32 in tensors that split into equal pages): "
                            "offloaded blocks are stored uncompressed", kv_dtype)
-        self._page_in_block = torch.arange(
-            max(layout.pages_per_block for layout in self.layouts), device=device)
         # Which canonical tensors hold each KV group's pages (one entry per tensor).
         self.group_tensors = [sorted({ref.tensor_idx for ref in refs})
                               for refs in kv_caches.group_data_refs]
+        self._page_bases = ([self._page_base(tensors) for tensors in self.group_tensors]
+                            if self.compressible else [])
         self.arena = self._dev.host_buffer((arena_bytes,), torch.uint8)
         self._staging_bytes = staging_bytes
         # GPU staging per direction (True = store), grown on demand.
@@ -352,14 +352,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
         n = len(block_ids)
         device = self._dev.device
         tensors = self.group_tensors[group]
-        both = torch.from_numpy(np.concatenate([block_ids, offsets])).to(device,
-                                                                         non_blocking=True)
+        both = self._to_device(np.concatenate([block_ids, offsets]))
         ids, dst = both[:n], both[n:]
         if not self.compressible:
             return self._store_raw(tensors, ids, dst, offsets)
-        k = self.layouts[tensors[0]].pages_per_block
-        per_block = k * len(tensors)
-        page_ids = self._page_ids(tensors, ids, k)
+        per_block = self._page_bases[group].numel()
+        page_ids = self._page_ids(group, ids)
         views = [self.layouts[t].pages for t in tensors]
         table = torch.empty((n, per_block, 3), dtype=torch.int64, device=device)
         lengths = torch.empty(n, dtype=torch.int64, device=device)
@@ -392,13 +390,19 @@ class CompressedOffloadingWorker(OffloadingWorker):
                               self.arena, dst + int(starts[i]), length, status[i])
         return _StoreBatch(offsets, self._to_host(status), None, sizes)
 
-    def _page_ids(self, tensors: list[int], ids: torch.Tensor, k: int) -> torch.Tensor:
-        """Ids, in the codec's numbering over the tensors' page views, of pages
-        ``0..k-1`` of blocks ``ids`` in every tensor, ordered block, tensor, page."""
-        per_view = self.layouts[tensors[0]].pages.shape[0]
-        view = torch.arange(len(tensors), device=ids.device) * per_view
-        return (ids[:, None, None] * k + view[None, :, None]
-                + self._page_in_block[:k][None, None, :]).reshape(-1)
+    def _page_base(self, tensors: list[int]) -> torch.Tensor:
+        """Codec page ids of block 0's pages in ``tensors``' views, ordered tensor,
+        page; block ``b``'s are these plus ``b * pages_per_block``."""
+        layout = self.layouts[tensors[0]]
+        k, per_view = layout.pages_per_block, layout.pages.shape[0]
+        base = (torch.arange(len(tensors))[:, None] * per_view + torch.arange(k)[None, :])
+        return base.reshape(-1).to(self._dev.device)
+
+    def _page_ids(self, group: int, ids: torch.Tensor) -> torch.Tensor:
+        """Codec page ids of every page of blocks ``ids`` in ``group``, ordered block,
+        tensor, page, so that a block's records lie together in staging."""
+        k = self.layouts[self.group_tensors[group][0]].pages_per_block
+        return (ids[:, None] * k + self._page_bases[group][None, :]).reshape(-1)
 
     def _collect_store(self, batch: _StoreBatch, reports: dict[int, tuple[int, int, int]],
                        ) -> int:
@@ -482,8 +486,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
             return batch
         batch.nbytes = int(sizes.sum())
         if not self.compressible:
-            both = torch.from_numpy(np.concatenate([block_ids[present], offsets[present]]))
-            both = both.to(device, non_blocking=True)
+            both = self._to_device(np.concatenate([block_ids[present], offsets[present]]))
             batch.copy_status = self._to_host(self._load_raw(tensors, both[:m], both[m:]))
             return batch
         totals = sizes.sum(1)
@@ -495,12 +498,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
         firsts = np.flatnonzero(np.diff(chunk, prepend=-1))
         seg_starts = begins - begins[firsts][np.searchsorted(firsts, np.arange(m), "right") - 1]
         rec_starts = seg_starts[:, None] + np.cumsum(sizes, 1) - sizes
-        packed = torch.from_numpy(np.concatenate([
+        packed = self._to_device(np.concatenate([
             block_ids[present], offsets[present], seg_starts, totals,
-            np.stack([rec_starts, sizes], 2).ravel()])).to(device, non_blocking=True)
+            np.stack([rec_starts, sizes], 2).ravel()]))
         ids, src, seg, tot = (packed[i * m:(i + 1) * m] for i in range(4))
         records = packed[4 * m:].view(m, per_block, 2)
-        page_ids = self._page_ids(tensors, ids, k)
+        page_ids = self._page_ids(group, ids)
         views = [self.layouts[t].pages for t in tensors]
         copy_status = torch.empty((1, m), dtype=torch.int32, device=device)
         page_status = torch.empty((m, per_block), dtype=torch.int32, device=device)
@@ -530,6 +533,15 @@ class CompressedOffloadingWorker(OffloadingWorker):
         return status
 
     # --- helpers ---
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """Host metadata to the GPU without blocking the host: a copy from pageable
+        memory may first wait for the stream's earlier work (for a store, the model's
+        pending kernels); one from pinned memory never does."""
+        host = torch.from_numpy(array)
+        if self._dev.is_cuda:
+            host = host.pin_memory()
+        return host.to(self._dev.device, non_blocking=True)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         host = self._dev.host_buffer(tuple(t.shape), t.dtype)
