@@ -349,6 +349,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
 
     def _store_group(self, group: int, block_ids: np.ndarray,
                      offsets: np.ndarray) -> _StoreBatch:
+        """Compresses the blocks ``block_ids`` of ``group`` into their arena
+        reservations at ``offsets``, a chunk at a time through the staging buffer."""
         n = len(block_ids)
         device = self._dev.device
         tensors = self.group_tensors[group]
