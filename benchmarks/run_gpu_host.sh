@@ -215,14 +215,16 @@ examples() {
   bash examples/serve_compressed_offload.sh "$MODEL_DIR" --max-model-len 1024 \
     --gpu-memory-utilization 0.3 --chat-template /tmp/chat.jinja > "$OUT/example_serve.log" 2>&1 &
   local server=$! up=0
+  local fetch='import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())'
   for _ in $(seq 120); do
-    if curl -sf localhost:8000/health > /dev/null; then up=1; break; fi
+    if python3 -c "$fetch" http://localhost:8000/health > /dev/null 2>&1; then up=1; break; fi
     sleep 1
   done
   if [ $up = 1 ]; then
     { python3 examples/openai_client_request.py && python3 examples/openai_client_request.py; } \
       > "$OUT/example_client.log" 2>&1 || status=1
-    curl -s localhost:8000/metrics | grep -E "^vllm:kv_offload_" >> "$OUT/example_client.log"
+    python3 -c "$fetch" http://localhost:8000/metrics | grep -E "^vllm:kv_offload_" \
+      >> "$OUT/example_client.log"
     tail -15 "$OUT/example_client.log"
   else
     echo "the example server did not come up (example_serve.log)"; status=1
