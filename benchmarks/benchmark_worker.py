@@ -15,8 +15,13 @@ the host arena and loads them back into other blocks, and reports per direction:
   block and tensor (what a naive per-block path costs).
 
 The end-to-end benchmark (benchmark_offload.py) shows *that* the offload path costs
-time; this one says whether launches, kernels or PCIe are to blame. ``--profile``
-adds a torch profiler table of the store and load. Runs on CPU tensors too
+time; this one says whether launches, kernels or PCIe are to blame. It also times
+the *contention* a store causes: a stand-in for the next prompt's prefill (a run of
+bf16 GEMMs, ``--gemms`` of ``--gemm-size``) alone, while the compressed store runs
+on its side stream, and while the same prompt's raw bytes go to pinned memory by DMA
+(what vLLM's native offloading does); the differences are what a cold prefill pays
+for the store on the GPU. ``--profile`` adds a torch profiler table of the store
+and load. Runs on CPU tensors too
 (slowly, synchronously), which is how CI smoke-tests it. JSON out::
 
     python benchmarks/benchmark_worker.py --out results/worker
@@ -122,6 +127,58 @@ def raw_copies(caches: CanonicalKVCaches, blocks: np.ndarray, sync) -> dict[str,
     return out
 
 
+def contention(worker: CompressedOffloadingWorker, store, caches: CanonicalKVCaches,
+               blocks: np.ndarray, args: argparse.Namespace, sync) -> dict[str, float]:
+    """GEMM time alone, with a compressed store and with a raw DMA copy of the same
+    prompt running beside it (medians of ``--repeats``), and the store's own GPU
+    time while the GEMMs run."""
+    device = caches.tensors[0].tensor.device
+    a = torch.randn(args.gemm_size, args.gemm_size, device=device).to(torch.bfloat16)
+    b = torch.randn_like(a)
+    rows = [t.tensor[torch.as_tensor(blocks, device=device)].reshape(-1) for t in caches.tensors]
+    flat = torch.cat(rows)
+    pinned = torch.empty(flat.numel(), dtype=torch.int8, pin_memory=flat.is_cuda)
+    dma_stream = torch.cuda.Stream(device) if flat.is_cuda else None
+
+    def gemms() -> float:
+        start = time.perf_counter()
+        for _ in range(args.gemms):
+            torch.mm(a, b)
+        sync()
+        return 1e3 * (time.perf_counter() - start)
+
+    def with_dma() -> float:
+        if dma_stream is not None:
+            dma_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(dma_stream):
+                pinned.copy_(flat, non_blocking=True)
+        else:
+            pinned.copy_(flat)
+        return gemms()
+
+    samples: dict[str, list[float]] = {"alone": [], "with_store": [], "with_raw_dma": [],
+                                       "store_gpu": []}
+    for rep in range(args.repeats):
+        sync()
+        samples["alone"].append(gemms())
+        sync()
+        assert store(1000 + rep)
+        samples["with_store"].append(gemms())
+        finished = []
+        while not finished:
+            finished = worker.get_finished()
+        samples["store_gpu"].append(1e3 * (finished[0].transfer_time or float("nan")))
+        worker.store_reports.clear()
+        sync()
+        samples["with_raw_dma"].append(with_dma())
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"gemm_alone_ms": med["alone"], "gemm_with_store_ms": med["with_store"],
+            "gemm_with_raw_dma_ms": med["with_raw_dma"],
+            "store_slowdown_ms": med["with_store"] - med["alone"],
+            "raw_dma_slowdown_ms": med["with_raw_dma"] - med["alone"],
+            "store_gpu_ms_beside_gemms": med["store_gpu"]}
+
+
 def max_error_over_bound(worker: CompressedOffloadingWorker, src: np.ndarray, dst: np.ndarray,
                          rel_eb: float) -> float:
     """Largest |reloaded - stored| over each page's relative bound, for every page
@@ -177,6 +234,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             samples["load"].append(load)
     if profiler is not None:
         profiler.__exit__(None, None, None)
+    beside = contention(worker, lambda job_id: worker.submit_store(
+        job_id, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
+        spec), caches, src, args, sync)
     worst = max_error_over_bound(worker, src, dst, args.error_bound)
     if worst > 1.0:
         raise SystemExit(f"reloaded KV breaks the error bound: max error {worst:.3f} x bound")
@@ -187,6 +247,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "tensors": len(caches.tensors), "blocks": blocks_per_prompt,
         "raw_prompt_bytes": worker.raw_block_bytes(0) * blocks_per_prompt,
         "counters": vars(worker.counters),
+        "contention": beside,
     }
     for direction, rows in samples.items():
         result[direction] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
@@ -211,6 +272,11 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"raw copy of the prompt: GPU->host {c['d2h_one_copy_ms']:.2f} ms, host->GPU "
           f"{c['h2d_one_copy_ms']:.2f} ms, GPU->host per block and tensor "
           f"{c['d2h_per_block_ms']:.2f} ms")
+    c = r["contention"]
+    print(f"GEMMs standing in for a prefill: {c['gemm_alone_ms']:.2f} ms alone, "
+          f"{c['store_slowdown_ms']:+.2f} ms beside the compressed store (which takes "
+          f"{c['store_gpu_ms_beside_gemms']:.2f} ms there), {c['raw_dma_slowdown_ms']:+.2f} ms "
+          f"beside a raw DMA copy of the prompt")
     if "profile" in r:
         print(r["profile"])
 
@@ -232,6 +298,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1, help="codec stream order")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gemms", type=int, default=250,
+                        help="GEMMs of the prefill stand-in (about 50 ms on an H100)")
+    parser.add_argument("--gemm-size", type=int, default=4096)
     parser.add_argument("--profile", action="store_true", help="torch profiler table")
     parser.add_argument("--cpu", action="store_true", help="run on CPU tensors")
     args = parser.parse_args()

@@ -16,7 +16,8 @@ benchmark_worker = pytest.importorskip("benchmark_worker")
 def test_worker_benchmark_round_trip_on_cpu(layout: str) -> None:
     args = argparse.Namespace(layout=layout, layers=2, kv_heads=2, head_dim=32, block_size=16,
                               tokens=128, dtype="bf16", error_bound=1e-2, mode="plain", rows=1,
-                              warmup=0, repeats=1, profile=False, cpu=True, num_blocks=16)
+                              warmup=0, repeats=1, profile=False, cpu=True, num_blocks=16,
+                              gemms=2, gemm_size=32)
     result = benchmark_worker.measure(args)
     assert result["tensors"] == (4 if layout == "flash" else 1)
     assert result["blocks"] == 8
@@ -25,3 +26,6 @@ def test_worker_benchmark_round_trip_on_cpu(layout: str) -> None:
     assert result["counters"]["failed_loads"] == 0
     assert result["store"]["submit_ms"] > 0 and result["raw_copy"]["raw_bytes"] > 0
     assert 0 < result["max_error_over_bound"] <= 1
+    c = result["contention"]
+    assert c["gemm_alone_ms"] > 0 and c["gemm_with_store_ms"] > 0 and c["gemm_with_raw_dma_ms"] > 0
+    assert result["counters"]["blocks_stored"] == 2 * 8, "the contention run stores too"
