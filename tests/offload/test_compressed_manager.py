@@ -154,6 +154,51 @@ def test_gauges_report_ratio_and_usage() -> None:
     assert data[CompressionMetrics.ARENA_USAGE][()] == 640 / (4 * RESERVE)
 
 
+def test_reservation_follows_the_blocks_stored_and_grows_on_an_oversized_one() -> None:
+    m = manager(capacity=64 * RESERVE)
+    first = store(m, [0, 1], size=320)
+    assert list(first.nbytes) == [RESERVE, RESERVE], "the worst case until a size is known"
+    second = m.prepare_store([key(2), key(3)], CTX)
+    assert list(second.store_spec.nbytes) == [368, 368]  # 320 * 9/8, 16-aligned
+    offsets = second.store_spec.offsets
+    m.record_store_reports({int(offsets[0]): BlockStoreReport(350, 0, 1),
+                            int(offsets[1]): BlockStoreReport(-600, 0, 0)})
+    m.complete_store(second.keys_to_store, CTX)
+    assert m.lookup(key(2), CTX) == LookupResult.HIT
+    assert m.lookup(key(3), CTX) == LookupResult.MISS, "an oversized block is not cached"
+    assert stat(m, CompressionMetrics.STORES_OVERSIZED) == 1
+    assert stat(m, CompressionMetrics.STORES_FAILED) == 0
+    assert m.allocator.allocated_bytes == 2 * 320 + 352
+    third = m.prepare_store([key(3)], CTX)
+    assert list(third.store_spec.nbytes) == [688], "600 * 9/8, 16-aligned"
+
+
+def test_oversized_reports_merge_to_the_largest_need() -> None:
+    merged = BlockStoreReport(300, 1, 5).merge(BlockStoreReport(-500, 0, 0))
+    assert merged.nbytes == -500
+    assert BlockStoreReport(-700, 0, 0).merge(BlockStoreReport(-500, 0, 0)).nbytes == -700
+    assert BlockStoreReport(0, 0, 0).merge(BlockStoreReport(-500, 0, 0)).nbytes == 0
+
+
+def test_compressed_blocks_fill_the_arena_not_their_worst_case() -> None:
+    """Blocks compressed to about a quarter of their worst case: once the arena is
+    full and evicting, it must hold far more of them than it holds worst-case
+    blocks (what an uncompressed cache of the same bytes holds)."""
+    capacity = 256 * RESERVE
+    m = manager(capacity=capacity)
+    sizes = iter([250 + (i * 37) % 30 for i in range(10_000)])
+    for prompt in range(40):
+        ids = list(range(prompt * 32, prompt * 32 + 32))
+        out = m.prepare_store([key(i) for i in ids], CTX)
+        assert out is not None
+        m.record_store_reports({int(o): BlockStoreReport(next(sizes), 0, 0)
+                                for o in out.store_spec.offsets})
+        m.complete_store(out.keys_to_store, CTX)
+    assert stat(m, CompressionMetrics.BLOCKS_EVICTED) > 0, "the arena must have filled up"
+    resident = len(m.table)
+    assert resident >= 2.5 * (capacity // RESERVE), (resident, m.allocator.stats())
+
+
 class ManagerMachine(RuleBasedStateMachine):
     """Random stores, loads, failures and touches; the arena's allocations must
     always be exactly the cached and pending blocks, each at its own range."""
@@ -171,8 +216,10 @@ class ManagerMachine(RuleBasedStateMachine):
         if out is None or not out.keys_to_store:
             return
         spec = out.store_spec
-        self.m.record_store_reports({int(o): BlockStoreReport(s, 0, 0)
-                                     for o, s in zip(spec.offsets, sizes)})
+        # As a worker reports it: a block larger than its reservation is not
+        # written, and its report carries the size it needed, negated.
+        self.m.record_store_reports({int(o): BlockStoreReport(s if s <= n else -s, 0, 0)
+                                     for o, n, s in zip(spec.offsets, spec.nbytes, sizes)})
         self.pending.append((out.keys_to_store, spec))
 
     @precondition(lambda self: self.pending)

@@ -291,3 +291,24 @@ def test_load_of_known_and_unknown_blocks_restores_the_known_ones() -> None:
         assert torch.allclose(c[4].float(), o[1].float(), atol=0.1)
         assert torch.allclose(c[9].float(), o[2].float(), atol=0.1)
         assert (c[6] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
+def test_block_larger_than_its_reservation_is_not_written(dtype: torch.dtype) -> None:
+    """The scheduler reserves a predicted size; a block that compresses (or, raw,
+    copies) to more must leave the arena alone and report what it needed."""
+    caches = make_kv(dtype)
+    worker = make_worker(caches)
+    fits = store(worker, 0, [4], reserve_offsets(worker, 1))
+    needed = next(iter(fits.values()))[0]
+    worker.arena.fill_(0xA5)
+    src = GPULoadStoreSpec([4, 5], group_sizes=[2], block_indices=[0])
+    dst = ArenaLoadStoreSpec([0, needed - 16], [needed - 16, 4 * needed])
+    assert worker.submit_store(1, src, dst)
+    worker.get_finished()
+    reports = worker.store_reports.pop(1)
+    assert reports[0][0] == -needed
+    assert reports[needed - 16][0] > 0
+    assert worker.counters.blocks_oversized == 1
+    assert 0 not in worker._records
+    assert (worker.arena[:needed - 16] == 0xA5).all(), "nothing of the oversized block"

@@ -5,11 +5,13 @@ rank owns an arena of the same capacity, and a block sits at the same offset in
 every rank's arena, so one allocator here describes them all.
 
 A block's compressed size is unknown when the scheduler prepares its store, so
-:meth:`prepare_store` reserves the worst case (every page stored raw, plus record
-headers). Each worker reports the bytes it actually wrote through the connector's
-worker-to-scheduler metadata; :meth:`record_store_reports` keeps the largest
-report per block over the ranks, and :meth:`complete_store`, which vLLM calls once
-every rank has finished the job, trims the reservation to that size. Eviction is
+:meth:`prepare_store` reserves a predicted size (:mod:`.reservation`: the worst case
+at first, then a margin over the largest block recently stored). Each worker reports
+the bytes it actually wrote, or the size it needed when the block did not fit its
+reservation, through the connector's worker-to-scheduler metadata;
+:meth:`record_store_reports` keeps the largest report per block over the ranks, and
+:meth:`complete_store`, which vLLM calls once every rank has finished the job, trims
+the reservation to that size (or drops an oversized block). Eviction is
 LRU over whole blocks and stops as soon as a reservation fits
 (:meth:`BlockTable.evict_for`).
 """
@@ -41,6 +43,7 @@ from vllm_kvcompress.offload.arena_allocator import ArenaAllocator
 from vllm_kvcompress.offload.block_table import BlockRecord, BlockTable
 from vllm_kvcompress.offload.config import CompressionConfig
 from vllm_kvcompress.offload.metrics import CompressionMetrics
+from vllm_kvcompress.offload.reservation import ReservationSize
 
 logger = init_logger(__name__)
 
@@ -74,9 +77,16 @@ class BlockStoreReport:
 
     def merge(self, other: BlockStoreReport) -> BlockStoreReport:
         # A size of 0 marks a failed store on some rank: the block must be dropped.
-        failed = self.nbytes <= 0 or other.nbytes <= 0
+        # A negative size -n marks a block that needed n bytes and did not fit its
+        # reservation: dropped too, and the largest need over the ranks is kept.
+        if self.nbytes == 0 or other.nbytes == 0:
+            nbytes = 0
+        elif self.nbytes < 0 or other.nbytes < 0:
+            nbytes = -max(abs(self.nbytes), abs(other.nbytes))
+        else:
+            nbytes = max(self.nbytes, other.nbytes)
         return BlockStoreReport(
-            nbytes=0 if failed else max(self.nbytes, other.nbytes),
+            nbytes=nbytes,
             raw_pages=self.raw_pages + other.raw_pages,
             checksum=(self.checksum + other.checksum) & 0xFFFFFFFF,
         )
@@ -85,6 +95,7 @@ class BlockStoreReport:
 @dataclass
 class _PendingStore:
     offset: int
+    reserved: int
     report: BlockStoreReport | None = None
 
 
@@ -107,6 +118,7 @@ class CompressedCPUOffloadingManager(OffloadingManager):
         self.medium = MEDIUM_CPU
         self.capacity = capacity
         self.reserve_bytes = reserve_bytes
+        self.reservation = ReservationSize(reserve_bytes)
         self.raw_block_bytes = raw_block_bytes
         self.compression = compression
         self.kv_dtype = kv_dtype
@@ -196,16 +208,17 @@ class CompressedCPUOffloadingManager(OffloadingManager):
         if not keys_to_store:
             return PrepareStoreOutput([], ArenaLoadStoreSpec([], []), [])
         protected = set(keys) | self._readers.keys()
+        size = self.reservation.nbytes
         offsets: list[int] = []
         evicted: list[OffloadKey] = []
         for _ in keys_to_store:
-            offset = self.allocator.allocate(self.reserve_bytes)
+            offset = self.allocator.allocate(size)
             if offset is None:
-                victims = self.table.evict_for(self.reserve_bytes, self.allocator, protected)
+                victims = self.table.evict_for(size, self.allocator, protected)
                 if victims is not None:
                     self._forget(victims)
                     evicted.extend(victims)
-                    offset = self.allocator.allocate(self.reserve_bytes)
+                    offset = self.allocator.allocate(size)
                 if offset is None:
                     for taken in offsets:
                         self.allocator.free(taken)
@@ -216,11 +229,11 @@ class CompressedCPUOffloadingManager(OffloadingManager):
             offsets.append(offset)
         self._announce_evicted(evicted)
         for key, offset in zip(keys_to_store, offsets):
-            self._pending[key] = _PendingStore(offset)
+            self._pending[key] = _PendingStore(offset, size)
             self._track(key, offset)
         return PrepareStoreOutput(
             keys_to_store=keys_to_store,
-            store_spec=ArenaLoadStoreSpec(offsets, [self.reserve_bytes] * len(offsets)),
+            store_spec=ArenaLoadStoreSpec(offsets, [size] * len(offsets)),
             evicted_keys=evicted,
         )
 
@@ -228,7 +241,7 @@ class CompressedCPUOffloadingManager(OffloadingManager):
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext,
                        success: bool = True) -> None:
         stored: list[OffloadKey] = []
-        raw_pages = stored_bytes = 0
+        raw_pages = stored_bytes = largest = oversized = 0
         for key in keys:
             pending = self._pending.pop(key, None)
             if pending is None:
@@ -237,9 +250,14 @@ class CompressedCPUOffloadingManager(OffloadingManager):
             if not success or report is None or report.nbytes <= 0:
                 self.allocator.free(pending.offset)
                 self._forget([key])
-                self._stats.increase_counter(CompressionMetrics.STORES_FAILED)
+                if success and report is not None and report.nbytes < 0:
+                    oversized += 1
+                    largest = max(largest, -report.nbytes)
+                else:
+                    self._stats.increase_counter(CompressionMetrics.STORES_FAILED)
                 continue
-            nbytes = min(report.nbytes, self.reserve_bytes)
+            largest = max(largest, report.nbytes)
+            nbytes = min(report.nbytes, pending.reserved)
             self.allocator.shrink(pending.offset, nbytes)
             self.table.insert(key, BlockRecord(
                 offset=pending.offset,
@@ -255,6 +273,8 @@ class CompressedCPUOffloadingManager(OffloadingManager):
             raw_pages += report.raw_pages
             stored_bytes += nbytes
         # Once per call, not per block: this runs in the scheduler's step.
+        self.reservation.observe(largest)
+        self._stats.increase_counter(CompressionMetrics.STORES_OVERSIZED, oversized)
         self._stats.increase_counter(CompressionMetrics.RAW_PAGES, raw_pages)
         self._stats.increase_counter(CompressionMetrics.COMPRESSED_BYTES_STORED, stored_bytes)
         self._stats.increase_counter(CompressionMetrics.UNCOMPRESSED_BYTES_STORED,

@@ -29,6 +29,7 @@ class CompressionMetrics:
     RAW_PAGES = "vllm:kv_offload_raw_pages"
     STORES_SKIPPED_FULL = "vllm:kv_offload_stores_skipped_arena_full"
     STORES_FAILED = "vllm:kv_offload_stores_failed"
+    STORES_OVERSIZED = "vllm:kv_offload_stores_oversized"
     LOADS_FAILED = "vllm:kv_offload_loads_failed"
     UNCOMPRESSED_BYTES_STORED = "vllm:kv_offload_uncompressed_bytes_stored"
     COMPRESSED_BYTES_STORED = "vllm:kv_offload_compressed_bytes_stored"
@@ -56,6 +57,9 @@ def metric_definitions() -> dict[str, OffloadingMetricMetadata]:
         m.STORES_SKIPPED_FULL: counter(
             "KV blocks not stored because the host arena was full of blocks in use."),
         m.STORES_FAILED: counter("KV blocks whose store failed on a worker (dropped)."),
+        m.STORES_OVERSIZED: counter(
+            "KV blocks not stored because they compressed to more than the arena range "
+            "reserved for them (which then grows)."),
         m.LOADS_FAILED: counter(
             "KV blocks whose reload failed its checks (checksum, format); they were "
             "recomputed and dropped from the host cache."),

@@ -139,6 +139,8 @@ class WorkerCounters:
     ``LLM.collective_rpc``); the scheduler's metrics are the per-step view."""
 
     blocks_stored: int = 0
+    # not stored: compressed larger than the arena range the scheduler reserved
+    blocks_oversized: int = 0
     bytes_stored: int = 0
     raw_bytes_stored: int = 0
     raw_pages: int = 0
@@ -174,6 +176,8 @@ class _StoreBatch:
     """One KV group's part of a store, read on the host once the job has finished."""
 
     offsets: np.ndarray
+    # arena bytes reserved for each block; a block needing more is not written
+    reserved: np.ndarray
     # (copies, blocks) pinned status of the segment copies into the arena
     copy_status: torch.Tensor
     # (blocks, records, 3) pinned page table of the codec; None when stored raw
@@ -253,7 +257,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
         self._records: dict[int, np.ndarray] = {}
         self._jobs: deque[_Job] = deque()
         # Reports for the scheduler, drained by the connector each step:
-        # job id -> {arena offset: (bytes written, raw pages, checksum)}, bytes 0 = failed.
+        # job id -> {arena offset: (bytes written, raw pages, checksum)}; bytes 0 = failed,
+        # -n = needed n bytes, more than reserved (not written).
         self.store_reports: dict[int, dict[int, tuple[int, int, int]]] = {}
         # job id -> arena offsets of blocks whose reload failed its checks
         self.failed_loads: dict[int, list[int]] = {}
@@ -279,8 +284,9 @@ class CompressedOffloadingWorker(OffloadingWorker):
             stream.wait_stream(torch.cuda.current_stream(self._dev.device))
         with _on(stream), _nvtx("kvcompress.store"):
             start = self._dev.event(stream)
-            batches = [self._store_group(group, block_ids, offsets)
-                       for group, block_ids, offsets in self._groups(src_spec, dst_spec)]
+            batches = [self._store_group(group, block_ids, offsets, reserved)
+                       for group, block_ids, offsets, reserved
+                       in self._groups(src_spec, dst_spec)]
             end = self._dev.event(stream)
 
         def finish() -> TransferResult:
@@ -301,7 +307,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         with _on(stream), _nvtx("kvcompress.load"):
             start = self._dev.event(stream)
             batches = [self._load_group(group, block_ids, offsets)
-                       for group, block_ids, offsets in self._groups(dst_spec, src_spec)]
+                       for group, block_ids, offsets, _ in self._groups(dst_spec, src_spec)]
             end = self._dev.event(stream)
         loaded = sum(batch.nbytes for batch in batches)
 
@@ -347,17 +353,19 @@ class CompressedOffloadingWorker(OffloadingWorker):
     # a group costs a fixed handful of launches per chunk; everything the scheduler
     # needs is worked out on the host from one copy of the page table.
 
-    def _store_group(self, group: int, block_ids: np.ndarray,
-                     offsets: np.ndarray) -> _StoreBatch:
+    def _store_group(self, group: int, block_ids: np.ndarray, offsets: np.ndarray,
+                     reserved: np.ndarray) -> _StoreBatch:
         """Compresses the blocks ``block_ids`` of ``group`` into their arena
-        reservations at ``offsets``, a chunk at a time through the staging buffer."""
+        reservations (``reserved`` bytes at ``offsets``), a chunk at a time through
+        the staging buffer. A block whose records would overrun its reservation is
+        not written: its neighbour in the arena may already hold data."""
         n = len(block_ids)
         device = self._dev.device
         tensors = self.group_tensors[group]
-        both = self._to_device(np.concatenate([block_ids, offsets]))
-        ids, dst = both[:n], both[n:]
         if not self.compressible:
-            return self._store_raw(tensors, ids, dst, offsets)
+            return self._store_raw(tensors, block_ids, offsets, reserved)
+        packed = self._to_device(np.concatenate([block_ids, offsets, reserved]))
+        ids, dst, room = packed[:n], packed[n:2 * n], packed[2 * n:]
         per_block = self._page_bases[group].numel()
         page_ids = self._page_ids(group, ids)
         views = [self.layouts[t].pages for t in tensors]
@@ -373,24 +381,30 @@ class CompressedOffloadingWorker(OffloadingWorker):
                          self.codec.relative, int(self.codec.mode), self.codec.rows, staging,
                          part.view(-1, 3))
             # A block's records lie together in staging: one segment per block.
-            torch.sum(part[:, :, 1], 1, out=lengths[lo:hi])
+            block_len = lengths[lo:hi]
+            torch.sum(part[:, :, 1], 1, out=block_len)
+            block_len.masked_fill_(block_len > room[lo:hi], 0)
             ops.copy_segments(staging, part[:, 0, 0].contiguous(), self.arena, dst[lo:hi],
-                              lengths[lo:hi], status[lo:hi])
-        return _StoreBatch(offsets, self._to_host(status[None]), self._to_host(table), None)
+                              block_len, status[lo:hi])
+        return _StoreBatch(offsets, reserved, self._to_host(status[None]),
+                           self._to_host(table), None)
 
-    def _store_raw(self, tensors: list[int], ids: torch.Tensor, dst: torch.Tensor,
-                   offsets: np.ndarray) -> _StoreBatch:
+    def _store_raw(self, tensors: list[int], block_ids: np.ndarray, offsets: np.ndarray,
+                   reserved: np.ndarray) -> _StoreBatch:
         """Copies each tensor's part of the blocks into the arena as it is."""
-        n = ids.numel()
+        n = len(block_ids)
         sizes = np.array([self.layouts[t].block_bytes for t in tensors], dtype=np.int64)
         starts = np.cumsum(sizes) - sizes
+        fits = (sizes.sum() <= reserved).astype(np.int64)
+        packed = self._to_device(np.concatenate([block_ids, offsets, fits]))
+        ids, dst, fit = packed[:n], packed[n:2 * n], packed[2 * n:]
         status = torch.empty((len(tensors), n), dtype=torch.int32, device=ids.device)
         for i, t in enumerate(tensors):
             layout = self.layouts[t]
-            length = torch.full((n,), layout.block_bytes, dtype=torch.int64, device=ids.device)
             ops.copy_segments(layout.raw, layout.raw_offset + ids * layout.raw_stride,
-                              self.arena, dst + int(starts[i]), length, status[i])
-        return _StoreBatch(offsets, self._to_host(status), None, sizes)
+                              self.arena, dst + int(starts[i]), fit * layout.block_bytes,
+                              status[i])
+        return _StoreBatch(offsets, reserved, self._to_host(status), None, sizes)
 
     def _page_base(self, tensors: list[int]) -> torch.Tensor:
         """Codec page ids of block 0's pages in ``tensors``' views, ordered tensor,
@@ -417,16 +431,21 @@ class CompressedOffloadingWorker(OffloadingWorker):
             sizes, status = table[:, :, 1], table[:, :, 2]
             ok &= (status != CompressStatus.BAD_SOURCE_INDEX).all(1)
             reasons = np.stack([(status == r).sum(1) for r in _RAW_REASONS], 1)
-            raw_pages = reasons.sum(1)
-            checksums = self._checksums(batch.offsets, sizes, ok)
         else:
             sizes = np.broadcast_to(batch.raw_sizes, (n, len(batch.raw_sizes)))
             reasons = np.zeros((n, len(_RAW_REASONS)), dtype=np.int64)
-            raw_pages = np.full(n, len(batch.raw_sizes))
-            checksums = np.zeros(n, dtype=np.int64)
-        written = sizes.sum(1) * ok
+        raw_pages = reasons.sum(1) if batch.pages is not None else np.full(n, sizes.shape[1])
+        needed = sizes.sum(1)
+        fits = needed <= batch.reserved
+        # Report per block: bytes written, 0 for a failed store, or minus the bytes
+        # needed for a block its reservation could not hold (the scheduler drops it
+        # and reserves more from then on).
+        reported = np.where(ok & ~fits, -needed, needed * (ok & fits))
+        ok &= fits
+        checksums = (self._checksums(batch.offsets, sizes, ok) if batch.pages is not None
+                     else np.zeros(n, dtype=np.int64))
         for offset, nbytes, raw, checksum, rec in zip(
-                batch.offsets.tolist(), written.tolist(), raw_pages.tolist(),
+                batch.offsets.tolist(), reported.tolist(), raw_pages.tolist(),
                 checksums.tolist(), sizes):
             reports[offset] = (nbytes, raw, checksum)
             if nbytes > 0:
@@ -434,6 +453,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
             else:
                 self._records.pop(offset, None)
         c = self.counters
+        c.blocks_oversized += int((~fits).sum())
         c.blocks_stored += int(ok.sum())
         c.raw_bytes_stored += int(ok.sum()) * self._raw_bytes_per_block
         c.raw_pages += int(raw_pages[ok].sum())
@@ -451,7 +471,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 "--compression-error-bound (docs/tuning.md) to compress them",
                 self.codec.error_bound, " (relative)" if self.codec.relative else "",
                 self.layouts[0].pages.dtype)
-        return int(written.sum())
+        return int(needed[ok].sum())
 
     def _checksums(self, offsets: np.ndarray, sizes: np.ndarray, ok: np.ndarray) -> np.ndarray:
         """Per block, the sum mod 2^32 of its records' header checksums, read from
@@ -561,19 +581,19 @@ class CompressedOffloadingWorker(OffloadingWorker):
         return buf[:nbytes]
 
     def _groups(self, gpu_spec: GPULoadStoreSpec, arena_spec: ArenaLoadStoreSpec,
-                ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(group, GPU block ids, arena offsets)`` of each KV group with blocks in
-        the transfer; the specs list the same blocks in the same order."""
+                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(group, GPU block ids, arena offsets, arena bytes)`` of each KV group
+        with blocks in the transfer; the specs list the same blocks in the same order."""
         blocks = _split_groups(gpu_spec, len(self.group_tensors))
         assert sum(len(b) for b in blocks) == len(arena_spec), (
             "compressed offloading needs one GPU block per offloaded block "
             "(blocks_per_chunk = 1)")
         first = 0
         for group, block_ids in enumerate(blocks):
-            offsets = arena_spec.offsets[first:first + len(block_ids)]
+            span = slice(first, first + len(block_ids))
             first += len(block_ids)
             if len(block_ids):
-                yield group, block_ids, offsets
+                yield group, block_ids, arena_spec.offsets[span], arena_spec.nbytes[span]
 
 
 def _split_groups(spec: GPULoadStoreSpec, num_groups: int) -> list[np.ndarray]:
