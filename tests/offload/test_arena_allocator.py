@@ -88,6 +88,16 @@ class ArenaMachine(RuleBasedStateMachine):
             assert offset % ALIGNMENT == 0 and offset not in self.model
             self.model[offset] = nbytes
 
+    @rule(nbytes=st.integers(1, 100), count=st.integers(1, 12))
+    def allocate_run(self, nbytes: int, count: int) -> None:
+        need = align_up(nbytes) * count
+        fits = need <= max((s for _, s in self.alloc.free_ranges()), default=0)
+        offsets = self.alloc.allocate_run(nbytes, count)
+        assert (offsets is not None) == fits
+        if offsets is not None:
+            assert offsets == list(range(offsets[0], offsets[0] + need, align_up(nbytes)))
+            self.model.update((o, nbytes) for o in offsets)
+
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
@@ -203,6 +213,25 @@ def test_allocate_uses_range_in_its_own_size_class() -> None:
     alloc.free(0)
     assert alloc.allocate(33 * 16 + 1) is None  # 544 does not fit in 528
     check_invariants(alloc, {33 * 16: 16})
+
+
+def test_allocate_run_is_consecutive_independent_and_all_or_nothing() -> None:
+    alloc = ArenaAllocator(64 * ALIGNMENT)
+    first = alloc.allocate(10 * ALIGNMENT)
+    run = alloc.allocate_run(3 * ALIGNMENT - 5, 4)
+    assert run == [first + 10 * ALIGNMENT + i * 3 * ALIGNMENT for i in range(4)]
+    assert alloc.allocated_bytes == 22 * ALIGNMENT
+    assert alloc.requested_bytes == 10 * ALIGNMENT + 4 * (3 * ALIGNMENT - 5)
+    check_invariants(alloc, {first: 10 * ALIGNMENT} | {o: 3 * ALIGNMENT - 5 for o in run})
+    before = (alloc.allocations(), alloc.free_ranges())
+    assert alloc.allocate_run(ALIGNMENT, 43) is None, "42 units are free, not 43"
+    assert (alloc.allocations(), alloc.free_ranges()) == before
+    alloc.free(run[1])
+    alloc.shrink(run[2], ALIGNMENT)
+    check_invariants(alloc, {first: 10 * ALIGNMENT, run[0]: 3 * ALIGNMENT - 5,
+                             run[2]: ALIGNMENT, run[3]: 3 * ALIGNMENT - 5})
+    with pytest.raises(ValueError):
+        alloc.allocate_run(ALIGNMENT, 0)
 
 
 def test_coalescing_both_sides() -> None:

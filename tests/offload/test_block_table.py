@@ -147,6 +147,14 @@ def test_evict_returns_none_and_changes_nothing_when_impossible() -> None:
     assert table.evict_for(256, alloc) == [0, 1]
 
 
+def test_evict_gives_up_beyond_max_victims_and_changes_nothing() -> None:
+    alloc, table = filled(8, 128)
+    before = snapshot(alloc, table)
+    assert table.evict_for(3 * 128, alloc, max_victims=2) is None
+    assert snapshot(alloc, table) == before
+    assert table.evict_for(3 * 128, alloc, max_victims=3) == [0, 1, 2]
+
+
 def test_evict_everything_exactly() -> None:
     alloc, table = filled(4, 100, capacity=4 * 112)
     assert table.evict_for(4 * 112, alloc) == [0, 1, 2, 3]

@@ -137,6 +137,7 @@ class BlockTable:
         nbytes: int,
         allocator: ArenaAllocator,
         protected: Container[Hashable] = frozenset(),
+        max_victims: int | None = None,
     ) -> list[Hashable] | None:
         """Free least recently used blocks until ``allocator.allocate(nbytes)`` fits.
 
@@ -145,8 +146,8 @@ class BlockTable:
         and the shortest LRU prefix of unprotected blocks otherwise (eviction stops as
         soon as ``allocator.largest_free_block >= nbytes``). Returns ``None`` when even
         evicting every unprotected block would not make a large enough contiguous
-        range; the table and allocator are then left unchanged, so a hopeless store
-        does not throw away cached blocks.
+        range, or more than ``max_victims`` blocks; the table and allocator are then
+        left unchanged, so a hopeless store does not throw away cached blocks.
 
         Victims are chosen by simulating the frees first
         (:meth:`ArenaAllocator.plan_fit`), then freed, so the cost is O(blocks
@@ -160,6 +161,8 @@ class BlockTable:
 
         def candidates() -> Iterator[int]:
             for key, record in self._records.items():
+                if max_victims is not None and len(walked) >= max_victims:
+                    return
                 if key not in protected:
                     walked.append(key)
                     yield record.offset

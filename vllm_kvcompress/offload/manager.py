@@ -207,11 +207,45 @@ class CompressedCPUOffloadingManager(OffloadingManager):
         keys_to_store = [k for k in keys if k not in self.table and k not in self._pending]
         if not keys_to_store:
             return PrepareStoreOutput([], ArenaLoadStoreSpec([], []), [])
-        protected = set(keys) | self._readers.keys()
         size = self.reservation.nbytes
-        offsets: list[int] = []
+        protected = set(keys) | self._readers.keys()
+        # The whole run in one free range, made by evicting the least recently used
+        # blocks if they lie together (blocks stored together are freed together),
+        # is the common case and costs one search; otherwise block by block.
+        offsets = self.allocator.allocate_run(size, len(keys_to_store))
         evicted: list[OffloadKey] = []
-        for _ in keys_to_store:
+        if offsets is None:
+            victims = self.table.evict_for(size * len(keys_to_store), self.allocator,
+                                           protected, max_victims=2 * len(keys_to_store))
+            if victims:
+                self._forget(victims)
+                evicted.extend(victims)
+                offsets = self.allocator.allocate_run(size, len(keys_to_store))
+        if offsets is None:
+            placed = self._allocate_evicting(len(keys_to_store), size, protected, evicted)
+            if placed is None:
+                self._announce_evicted(evicted)
+                self._stats.increase_counter(CompressionMetrics.STORES_SKIPPED_FULL,
+                                             len(keys_to_store))
+                return None
+            offsets = placed
+        self._announce_evicted(evicted)
+        for key, offset in zip(keys_to_store, offsets):
+            self._pending[key] = _PendingStore(offset, size)
+            self._track(key, offset)
+        return PrepareStoreOutput(
+            keys_to_store=keys_to_store,
+            store_spec=ArenaLoadStoreSpec(offsets, [size] * len(offsets)),
+            evicted_keys=evicted,
+        )
+
+    def _allocate_evicting(self, count: int, size: int, protected: set[OffloadKey],
+                           evicted: list[OffloadKey]) -> list[int] | None:
+        """``count`` ranges of ``size`` bytes, evicting LRU blocks (appended to
+        ``evicted``) where the arena is full; ``None``, with nothing kept reserved,
+        when blocks in use leave no room."""
+        offsets: list[int] = []
+        for _ in range(count):
             offset = self.allocator.allocate(size)
             if offset is None:
                 victims = self.table.evict_for(size, self.allocator, protected)
@@ -222,20 +256,9 @@ class CompressedCPUOffloadingManager(OffloadingManager):
                 if offset is None:
                     for taken in offsets:
                         self.allocator.free(taken)
-                    self._announce_evicted(evicted)
-                    self._stats.increase_counter(CompressionMetrics.STORES_SKIPPED_FULL,
-                                                 len(keys_to_store))
                     return None
             offsets.append(offset)
-        self._announce_evicted(evicted)
-        for key, offset in zip(keys_to_store, offsets):
-            self._pending[key] = _PendingStore(offset, size)
-            self._track(key, offset)
-        return PrepareStoreOutput(
-            keys_to_store=keys_to_store,
-            store_spec=ArenaLoadStoreSpec(offsets, [size] * len(offsets)),
-            evicted_keys=evicted,
-        )
+        return offsets
 
     @override
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext,
