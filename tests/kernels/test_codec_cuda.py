@@ -82,6 +82,27 @@ def test_odd_page_sizes_and_unaligned_rows(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n,rows", [(421, 1), (288, 3), (288, 9), (229, 1), (480, 5),
+                                    (544, 17)])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_block_counts_that_split_unevenly_over_warps(dtype, mode, n, rows, aligned):
+    """Pages whose count of 32-value blocks is not a multiple of the CTA's warps
+    (14, 9, 8, 15, 17 blocks), with partial last blocks and rows > 1: every warp's
+    share of a page, and the page's tail, must code as on the CPU."""
+    base = kv_like(6, 1, n + 1, dtype, seed=n + rows).reshape(6, -1)
+    pages = base[:, :n].contiguous() if aligned else base[:, 1:n + 1]
+    ids = torch.tensor([5, 0, 2, 4])
+    cpu, gpu = both_devices(pages, ids, CodecConfig(1e-2, True, mode, rows))
+    assert_same_stream(cpu, gpu)
+    dst = torch.zeros(4, n, dtype=dtype, device="cuda")
+    assert (decompress_pages(gpu, dst, torch.arange(4)) == DecodeStatus.OK).all()
+    dst_cpu = torch.zeros(4, n, dtype=dtype)
+    decompress_pages(cpu, dst_cpu, torch.arange(4))
+    assert torch.equal(dst.cpu(), dst_cpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [2, 3, 8, 32, 48, 96, 6144])
 @pytest.mark.parametrize("aligned", [True, False])
 def test_every_stream_order_and_alignment_matches_cpu(dtype, rows, aligned):
