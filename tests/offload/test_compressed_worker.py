@@ -296,7 +296,8 @@ def test_load_of_known_and_unknown_blocks_restores_the_known_ones() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
 def test_block_larger_than_its_reservation_is_not_written(dtype: torch.dtype) -> None:
     """The scheduler reserves a predicted size; a block that compresses (or, raw,
-    copies) to more must leave the arena alone and report what it needed."""
+    copies) to more must not write past its reservation, must not be recorded, and
+    must report what it needed."""
     caches = make_kv(dtype)
     worker = make_worker(caches)
     fits = store(worker, 0, [4], reserve_offsets(worker, 1))
@@ -311,4 +312,9 @@ def test_block_larger_than_its_reservation_is_not_written(dtype: torch.dtype) ->
     assert reports[needed - 16][0] > 0
     assert worker.counters.blocks_oversized == 1
     assert 0 not in worker._records
-    assert (worker.arena[:needed - 16] == 0xA5).all(), "nothing of the oversized block"
+    assert load(worker, 2, [0], [7]) == {7}, "an oversized block is never served"
+    worker.arena.fill_(0xA5)
+    dst = ArenaLoadStoreSpec([0, 2 * needed], [needed - 16, 4 * needed])
+    assert worker.submit_store(3, src, dst)
+    worker.get_finished()
+    assert (worker.arena[needed - 16:2 * needed] == 0xA5).all(), "nothing past a reservation"

@@ -357,8 +357,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
                      reserved: np.ndarray) -> _StoreBatch:
         """Compresses the blocks ``block_ids`` of ``group`` into their arena
         reservations (``reserved`` bytes at ``offsets``), a chunk at a time through
-        the staging buffer. A block whose records would overrun its reservation is
-        not written: its neighbour in the arena may already hold data."""
+        the staging buffer. Nothing is written past a reservation: the next range
+        may already hold another block."""
         n = len(block_ids)
         device = self._dev.device
         tensors = self.group_tensors[group]
@@ -380,10 +380,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
             ops.compress(views, page_ids[lo * per_block:hi * per_block], self.codec.error_bound,
                          self.codec.relative, int(self.codec.mode), self.codec.rows, staging,
                          part.view(-1, 3))
-            # A block's records lie together in staging: one segment per block.
+            # A block's records lie together in staging: one segment per block, cut
+            # at the reservation's end (an oversized block is then reported, not
+            # recorded: its cut copy is never read).
             block_len = lengths[lo:hi]
             torch.sum(part[:, :, 1], 1, out=block_len)
-            block_len.masked_fill_(block_len > room[lo:hi], 0)
+            torch.minimum(block_len, room[lo:hi], out=block_len)
             ops.copy_segments(staging, part[:, 0, 0].contiguous(), self.arena, dst[lo:hi],
                               block_len, status[lo:hi])
         return _StoreBatch(offsets, reserved, self._to_host(status[None]),
