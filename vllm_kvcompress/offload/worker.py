@@ -176,7 +176,7 @@ class _StoreBatch:
     """One KV group's part of a store, read on the host once the job has finished."""
 
     offsets: np.ndarray
-    # arena bytes reserved for each block; a block needing more is not written
+    # arena bytes reserved for each block; a block needing more is reported, not kept
     reserved: np.ndarray
     # (copies, blocks) pinned status of the segment copies into the arena
     copy_status: torch.Tensor
