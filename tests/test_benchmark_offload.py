@@ -1,0 +1,62 @@
+"""benchmarks/benchmark_offload.py counts the blocks the compressed host cache holds
+only once it has filled and evicted (CPU; a stand-in engine, no model)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm.v1.metrics.reader import Counter, Gauge
+from vllm_kvcompress.offload.metrics import CompressionMetrics as M
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+benchmark_offload = pytest.importorskip("benchmark_offload")
+
+
+class FakeEngine:
+    """Stores ``per_prompt`` blocks per prompt into a cache of ``capacity`` blocks,
+    evicting the oldest beyond it, and reports the plugin's metrics."""
+
+    def __init__(self, per_prompt: int, capacity: int):
+        self.per_prompt, self.capacity = per_prompt, capacity
+        self.cached = self.evicted = self.prompts = 0
+
+    def generate(self, prompts: list[dict], params: object, use_tqdm: bool = False) -> None:
+        self.prompts += 1
+        self.cached += self.per_prompt
+        overflow = max(0, self.cached - self.capacity)
+        self.evicted += overflow
+        self.cached -= overflow
+
+    def get_metrics(self) -> list:
+        return [Counter(M.BLOCKS_EVICTED, {}, self.evicted),
+                Gauge(M.CACHED_BLOCKS, {}, float(self.cached)),
+                Gauge(M.ARENA_USAGE, {}, 0.9), Gauge(M.ARENA_FRAGMENTATION, {}, 0.1),
+                Counter(M.STORES_OVERSIZED, {}, 2)]
+
+
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(benchmark_offload, "timed",
+                        lambda llm, prompt: llm.generate([prompt], None) or 0.0)
+    monkeypatch.setattr(benchmark_offload, "settle", lambda llm, seconds=1.0: None)
+
+
+def args(max_prompts: int) -> argparse.Namespace:
+    return argparse.Namespace(fill_max_prompts=max_prompts, fill_extra_prompts=3,
+                              prompt_tokens=32)
+
+
+def test_fill_counts_blocks_after_the_cache_has_been_evicting(no_gpu: None) -> None:
+    engine = FakeEngine(per_prompt=10, capacity=25)
+    fill = benchmark_offload.fill_host_cache(engine, args(50))
+    # Prompt 3 is the first to evict; three more follow before counting.
+    assert fill["prompts"] == engine.prompts == 6
+    assert fill["evicting"] and fill["cached_blocks"] == 25
+    assert fill["stores_oversized"] == 2
+
+
+def test_fill_says_so_when_the_cache_never_filled(no_gpu: None) -> None:
+    fill = benchmark_offload.fill_host_cache(FakeEngine(per_prompt=1, capacity=100), args(5))
+    assert fill["prompts"] == 5 and not fill["evicting"]
