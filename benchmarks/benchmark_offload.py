@@ -88,12 +88,15 @@ def build_llm(model: Path, mode: str, args: argparse.Namespace):
                disable_log_stats=False, **kwargs)
 
 
-def metric(llm, name: str) -> float:
-    """A counter's total or a gauge's value from ``LLM.get_metrics()`` (0 if absent)."""
+def metrics(llm) -> dict[str, float]:
+    """Counter totals and gauge values of ``LLM.get_metrics()``, by name."""
     from vllm.v1.metrics.reader import Counter, Gauge
 
-    return sum(float(m.value) for m in llm.get_metrics()
-               if m.name == name and isinstance(m, (Counter, Gauge)))
+    values: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if isinstance(m, (Counter, Gauge)):
+            values[m.name] = values.get(m.name, 0.0) + float(m.value)
+    return values
 
 
 def fill_host_cache(llm, args: argparse.Namespace) -> dict[str, float]:
@@ -106,16 +109,17 @@ def fill_host_cache(llm, args: argparse.Namespace) -> dict[str, float]:
     prompts_after_eviction = 0
     for i in range(args.fill_max_prompts):
         timed(llm, make_prompts(1, args.prompt_tokens, seed=10_000 + i)[0])
-        if prompts_after_eviction or metric(llm, M.BLOCKS_EVICTED) > 0:
+        if prompts_after_eviction or metrics(llm).get(M.BLOCKS_EVICTED, 0) > 0:
             prompts_after_eviction += 1
             if prompts_after_eviction > args.fill_extra_prompts:
                 break
     settle(llm)
+    final = metrics(llm)
     return {"prompts": i + 1, "evicting": prompts_after_eviction > 0,
-            "cached_blocks": metric(llm, M.CACHED_BLOCKS),
-            "arena_usage": metric(llm, M.ARENA_USAGE),
-            "arena_fragmentation": metric(llm, M.ARENA_FRAGMENTATION),
-            "stores_oversized": metric(llm, M.STORES_OVERSIZED)}
+            "cached_blocks": final.get(M.CACHED_BLOCKS, 0.0),
+            "arena_usage": final.get(M.ARENA_USAGE, 0.0),
+            "arena_fragmentation": final.get(M.ARENA_FRAGMENTATION, 0.0),
+            "stores_oversized": final.get(M.STORES_OVERSIZED, 0.0)}
 
 
 def make_prompts(n: int, tokens: int, seed: int) -> list[dict[str, list[int]]]:

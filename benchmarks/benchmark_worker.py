@@ -99,12 +99,20 @@ def run_job(worker: CompressedOffloadingWorker, submit, job_id: int, sync) -> di
             "bytes": float(result.transfer_size)}
 
 
+def prompt_bytes(caches: CanonicalKVCaches, blocks: np.ndarray
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's raw KV bytes gathered on its device, and a host buffer as large
+    (pinned on CUDA), for copies standing in for uncompressed offloading."""
+    device = caches.tensors[0].tensor.device
+    flat = torch.cat([t.tensor[torch.as_tensor(blocks, device=device)].reshape(-1)
+                      for t in caches.tensors])
+    return flat, torch.empty(flat.numel(), dtype=torch.int8, pin_memory=flat.is_cuda)
+
+
 def raw_copies(caches: CanonicalKVCaches, blocks: np.ndarray, sync) -> dict[str, float]:
     """The prompt's raw bytes GPU -> pinned host -> GPU in one copy each way, and
     GPU -> host with one copy per block and tensor."""
-    rows = [t.tensor[torch.as_tensor(blocks, device=t.tensor.device)] for t in caches.tensors]
-    flat = torch.cat([r.reshape(-1) for r in rows])
-    pinned = torch.empty(flat.numel(), dtype=torch.int8, pin_memory=flat.is_cuda)
+    flat, pinned = prompt_bytes(caches, blocks)
     out: dict[str, float] = {"raw_bytes": float(flat.numel())}
     sync()
     start = time.perf_counter()
@@ -135,9 +143,7 @@ def contention(worker: CompressedOffloadingWorker, store, caches: CanonicalKVCac
     device = caches.tensors[0].tensor.device
     a = torch.randn(args.gemm_size, args.gemm_size, device=device).to(torch.bfloat16)
     b = torch.randn_like(a)
-    rows = [t.tensor[torch.as_tensor(blocks, device=device)].reshape(-1) for t in caches.tensors]
-    flat = torch.cat(rows)
-    pinned = torch.empty(flat.numel(), dtype=torch.int8, pin_memory=flat.is_cuda)
+    flat, pinned = prompt_bytes(caches, blocks)
     dma_stream = torch.cuda.Stream(device) if flat.is_cuda else None
 
     def gemms() -> float:

@@ -372,11 +372,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
         table = torch.empty((n, per_block, 3), dtype=torch.int64, device=device)
         lengths = torch.empty(n, dtype=torch.int64, device=device)
         status = torch.empty(n, dtype=torch.int32, device=device)
-        step = max(1, self._staging_bytes // self.reserve_bytes(group))
+        worst = self.reserve_bytes(group)
+        step = max(1, self._staging_bytes // worst)
         for lo in range(0, n, step):
             hi = min(lo + step, n)
             part = table[lo:hi]
-            staging = self._staging((hi - lo) * self.reserve_bytes(group), store=True)
+            staging = self._staging((hi - lo) * worst, store=True)
             ops.compress(views, page_ids[lo * per_block:hi * per_block], self.codec.error_bound,
                          self.codec.relative, int(self.codec.mode), self.codec.rows, staging,
                          part.view(-1, 3))
@@ -433,10 +434,11 @@ class CompressedOffloadingWorker(OffloadingWorker):
             sizes, status = table[:, :, 1], table[:, :, 2]
             ok &= (status != CompressStatus.BAD_SOURCE_INDEX).all(1)
             reasons = np.stack([(status == r).sum(1) for r in _RAW_REASONS], 1)
+            raw_pages = reasons.sum(1)
         else:
             sizes = np.broadcast_to(batch.raw_sizes, (n, len(batch.raw_sizes)))
             reasons = np.zeros((n, len(_RAW_REASONS)), dtype=np.int64)
-        raw_pages = reasons.sum(1) if batch.pages is not None else np.full(n, sizes.shape[1])
+            raw_pages = np.full(n, sizes.shape[1])
         needed = sizes.sum(1)
         fits = needed <= batch.reserved
         # Report per block: bytes written, 0 for a failed store, or minus the bytes
