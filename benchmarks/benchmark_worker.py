@@ -21,7 +21,8 @@ bf16 GEMMs, ``--gemms`` of ``--gemm-size``) alone, while the compressed store ru
 on its side stream, and while the same prompt's raw bytes go to pinned memory by DMA
 (what vLLM's native offloading does); the differences are what a cold prefill pays
 for the store on the GPU. ``--profile`` adds a torch profiler table of the store
-and load. Runs on CPU tensors too
+and load, and a Python profile of one store's and one load's submit (where the
+host time that the engine's step waits for goes). Runs on CPU tensors too
 (slowly, synchronously), which is how CI smoke-tests it. JSON out::
 
     python benchmarks/benchmark_worker.py --out results/worker
@@ -30,7 +31,10 @@ and load. Runs on CPU tensors too
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -241,6 +245,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             samples["load"].append(load)
     if profiler is not None:
         profiler.__exit__(None, None, None)
+    host_profiles = {}
+    if args.profile:
+        host_profiles["store"] = host_profile(worker, lambda: worker.submit_store(
+            10_000, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
+            spec))
+        host_profiles["load"] = host_profile(worker, lambda: worker.submit_load(
+            10_001, spec,
+            GPULoadStoreSpec(dst.tolist(), group_sizes=[len(dst)], block_indices=[0])))
     beside = contention(worker, lambda job_id: worker.submit_store(
         job_id, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
         spec), caches, src, args, sync)
@@ -263,7 +275,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if profiler is not None:
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         result["profile"] = profiler.key_averages().table(sort_by=sort, row_limit=25)
+    for direction, text in host_profiles.items():
+        result[f"submit_{direction}_host_profile"] = text
     return result
+
+
+def host_profile(worker: CompressedOffloadingWorker, submit) -> str:
+    """The Python profile of one submit (functions by their own time), then waits
+    for the job so the next measurement starts from an idle worker."""
+    profile = cProfile.Profile()
+    profile.enable()
+    assert submit()
+    profile.disable()
+    while not worker.get_finished():
+        pass
+    worker.store_reports.clear()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(20)
+    return out.getvalue()
 
 
 def print_report(r: dict[str, Any]) -> None:
@@ -284,8 +313,9 @@ def print_report(r: dict[str, Any]) -> None:
           f"{c['store_slowdown_ms']:+.2f} ms beside the compressed store (which takes "
           f"{c['store_gpu_ms_beside_gemms']:.2f} ms there), {c['raw_dma_slowdown_ms']:+.2f} ms "
           f"beside a raw DMA copy of the prompt")
-    if "profile" in r:
-        print(r["profile"])
+    for key in ("profile", "submit_store_host_profile", "submit_load_host_profile"):
+        if key in r:
+            print(r[key])
 
 
 def main() -> None:

@@ -29,3 +29,14 @@ def test_worker_benchmark_round_trip_on_cpu(layout: str) -> None:
     c = result["contention"]
     assert c["gemm_alone_ms"] > 0 and c["gemm_with_store_ms"] > 0 and c["gemm_with_raw_dma_ms"] > 0
     assert result["counters"]["blocks_stored"] == 2 * 8, "the contention run stores too"
+
+
+def test_worker_benchmark_profiles_the_host_side_of_a_submit() -> None:
+    args = argparse.Namespace(layout="flash", layers=2, kv_heads=2, head_dim=32, block_size=16,
+                              tokens=64, dtype="bf16", error_bound=1e-2, mode="plain", rows=1,
+                              warmup=0, repeats=1, profile=True, cpu=True, num_blocks=8,
+                              gemms=1, gemm_size=16)
+    result = benchmark_worker.measure(args)
+    assert "kvcompress::compress" in result["profile"]
+    assert "_store_group" in result["submit_store_host_profile"]
+    assert "_load_group" in result["submit_load_host_profile"]
