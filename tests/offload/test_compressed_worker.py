@@ -150,6 +150,36 @@ def test_one_codec_launch_per_chunk_covers_every_layer(
     assert load_chunks < calls["compress"] or blocks_per_chunk == NUM_BLOCKS
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
+def test_nvtx_ranges_mark_compress_copy_and_decompress(
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Nsight timelines show a job's launches and, inside them, each chunk's
+    compress, copy and decompress (raw blocks: copies only); ranges nest and close."""
+    from vllm_kvcompress.offload import worker as worker_module
+
+    events: list[str] = []
+    monkeypatch.setattr(worker_module._nvtx, "enabled", True)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: events.append(name))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: events.append("pop"))
+    caches = make_kv(dtype)
+    worker = make_worker(caches, staging_bytes=2 * worker_block_bytes(caches))
+    offsets = reserve_offsets(worker, 4)
+    store(worker, 0, list(range(4)), offsets)
+    stored = events[:]
+    events.clear()
+    assert load(worker, 1, offsets, list(range(4))) == set()
+    if dtype == torch.bfloat16:
+        chunk = ["kvcompress.compress", "pop", "kvcompress.copy", "pop"]
+        assert stored == ["kvcompress.store", *chunk, *chunk, "pop"]
+        assert events[0] == "kvcompress.load" and events[-1] == "pop"
+        assert events[1:-1] == ["kvcompress.copy", "pop", "kvcompress.decompress", "pop"] * (
+            (len(events) - 2) // 4)
+        assert len(events) > 2
+    else:
+        assert stored == ["kvcompress.store", "kvcompress.copy", "pop", "pop"]
+        assert events == ["kvcompress.load", "kvcompress.copy", "pop", "pop"]
+
+
 def worker_block_bytes(caches: list[torch.Tensor]) -> int:
     return make_worker(caches).reserve_bytes(0)
 

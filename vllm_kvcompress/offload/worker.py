@@ -378,17 +378,19 @@ class CompressedOffloadingWorker(OffloadingWorker):
             hi = min(lo + step, n)
             part = table[lo:hi]
             staging = self._staging((hi - lo) * worst, store=True)
-            ops.compress(views, page_ids[lo * per_block:hi * per_block], self.codec.error_bound,
-                         self.codec.relative, int(self.codec.mode), self.codec.rows, staging,
-                         part.view(-1, 3))
+            with _nvtx("kvcompress.compress"):
+                ops.compress(views, page_ids[lo * per_block:hi * per_block],
+                             self.codec.error_bound, self.codec.relative, int(self.codec.mode),
+                             self.codec.rows, staging, part.view(-1, 3))
             # A block's records lie together in staging: one segment per block, cut
             # at the reservation's end (an oversized block is then reported, not
             # recorded: its cut copy is never read).
-            block_len = lengths[lo:hi]
-            torch.sum(part[:, :, 1], 1, out=block_len)
-            torch.minimum(block_len, room[lo:hi], out=block_len)
-            ops.copy_segments(staging, part[:, 0, 0].contiguous(), self.arena, dst[lo:hi],
-                              block_len, status[lo:hi])
+            with _nvtx("kvcompress.copy"):
+                block_len = lengths[lo:hi]
+                torch.sum(part[:, :, 1], 1, out=block_len)
+                torch.minimum(block_len, room[lo:hi], out=block_len)
+                ops.copy_segments(staging, part[:, 0, 0].contiguous(), self.arena, dst[lo:hi],
+                                  block_len, status[lo:hi])
         return _StoreBatch(offsets, reserved, self._to_host(status[None]),
                            self._to_host(table), None)
 
@@ -402,11 +404,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
         packed = self._to_device(np.concatenate([block_ids, offsets, fits]))
         ids, dst, fit = packed[:n], packed[n:2 * n], packed[2 * n:]
         status = torch.empty((len(tensors), n), dtype=torch.int32, device=ids.device)
-        for i, t in enumerate(tensors):
-            layout = self.layouts[t]
-            ops.copy_segments(layout.raw, layout.raw_offset + ids * layout.raw_stride,
-                              self.arena, dst + int(starts[i]), fit * layout.block_bytes,
-                              status[i])
+        with _nvtx("kvcompress.copy"):
+            for i, t in enumerate(tensors):
+                layout = self.layouts[t]
+                ops.copy_segments(layout.raw, layout.raw_offset + ids * layout.raw_stride,
+                                  self.arena, dst + int(starts[i]), fit * layout.block_bytes,
+                                  status[i])
         return _StoreBatch(offsets, reserved, self._to_host(status), None, sizes)
 
     def _page_base(self, tensors: list[int]) -> torch.Tensor:
@@ -535,10 +538,13 @@ class CompressedOffloadingWorker(OffloadingWorker):
         page_status = torch.empty((m, per_block), dtype=torch.int32, device=device)
         for lo, hi in zip(firsts.tolist(), [*firsts[1:].tolist(), m]):
             staging = self._staging(int(ends[hi - 1] - begins[lo]), store=False)
-            ops.copy_segments(self.arena, src[lo:hi], staging, seg[lo:hi], tot[lo:hi],
-                              copy_status[0, lo:hi])
-            ops.decompress(staging, records[lo:hi].view(-1, 2), views,
-                           page_ids[lo * per_block:hi * per_block], page_status[lo:hi].view(-1))
+            with _nvtx("kvcompress.copy"):
+                ops.copy_segments(self.arena, src[lo:hi], staging, seg[lo:hi], tot[lo:hi],
+                                  copy_status[0, lo:hi])
+            with _nvtx("kvcompress.decompress"):
+                ops.decompress(staging, records[lo:hi].view(-1, 2), views,
+                               page_ids[lo * per_block:hi * per_block],
+                               page_status[lo:hi].view(-1))
         batch.copy_status = self._to_host(copy_status)
         batch.page_status = self._to_host(page_status)
         return batch
@@ -550,12 +556,14 @@ class CompressedOffloadingWorker(OffloadingWorker):
         n = ids.numel()
         status = torch.empty((len(tensors), n), dtype=torch.int32, device=ids.device)
         start = 0
-        for i, t in enumerate(tensors):
-            layout = self.layouts[t]
-            length = torch.full((n,), layout.block_bytes, dtype=torch.int64, device=ids.device)
-            ops.copy_segments(self.arena, src + start, layout.raw,
-                              layout.raw_offset + ids * layout.raw_stride, length, status[i])
-            start += layout.block_bytes
+        with _nvtx("kvcompress.copy"):
+            for i, t in enumerate(tensors):
+                layout = self.layouts[t]
+                length = torch.full((n,), layout.block_bytes, dtype=torch.int64,
+                                    device=ids.device)
+                ops.copy_segments(self.arena, src + start, layout.raw,
+                                  layout.raw_offset + ids * layout.raw_stride, length, status[i])
+                start += layout.block_bytes
         return status
 
     # --- helpers ---
@@ -624,16 +632,20 @@ class _on:
 
 
 class _nvtx:
-    """An NVTX range when CUDA is available, for Nsight timelines of the offload path."""
+    """An NVTX range when CUDA is available, for Nsight timelines of the offload path:
+    ``kvcompress.store`` / ``kvcompress.load`` around a job's launches, and inside
+    them ``kvcompress.compress``, ``kvcompress.copy`` and ``kvcompress.decompress``
+    around each chunk's kernels."""
+
+    enabled = torch.cuda.is_available()
 
     def __init__(self, name: str):
         self._name = name
-        self._on = torch.cuda.is_available()
 
     def __enter__(self) -> None:
-        if self._on:
+        if self.enabled:
             torch.cuda.nvtx.range_push(self._name)
 
     def __exit__(self, *exc: object) -> None:
-        if self._on:
+        if self.enabled:
             torch.cuda.nvtx.range_pop()
