@@ -119,6 +119,24 @@ class ArenaMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
+    def free_many(self, data: st.DataObject) -> None:
+        """Freeing several at once leaves the same free ranges as one by one."""
+        chosen = data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1,
+                                    unique=True), label="offsets")
+        if data.draw(st.booleans(), label="a bad offset among them"):
+            bad = data.draw(st.sampled_from([chosen[0], self.alloc.capacity + 16]))
+            before = (self.alloc.free_ranges(), self.alloc.allocations())
+            with pytest.raises(ValueError):
+                self.alloc.free_many([*chosen, bad])
+            assert (self.alloc.free_ranges(), self.alloc.allocations()) == before
+        self.alloc.free_many(chosen)
+        for offset in chosen:
+            del self.model[offset]
+        assert self.alloc.free_ranges() == gaps(
+            [(o, align_up(n)) for o, n in sorted(self.model.items())], self.alloc.capacity)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
     def free_all(self, data: st.DataObject) -> None:
         for offset in data.draw(st.permutations(sorted(self.model)), label="order"):
             self.alloc.free(offset)

@@ -32,8 +32,9 @@ logger = init_logger(__name__)
 class BlockRecord:
     """Where one offloaded block lives in the arena and how it was stored.
 
-    ``nbytes`` is the size of the stored data (what the allocation was shrunk to);
-    the allocator reserves it rounded up to 16. ``raw_nbytes`` is the size the block
+    ``nbytes`` is the size of the stored data; the allocation at ``offset`` is at
+    least that, rounded up to 16 (a reservation's tail too small to hold another
+    block stays with it). ``raw_nbytes`` is the size the block
     has uncompressed, so ``raw_nbytes / nbytes`` is its compression ratio.
     ``mode``, ``error_bound`` and ``dtype`` record the codec settings used (a loader
     can refuse a block written under a looser bound than it now requires);
@@ -173,8 +174,7 @@ class BlockTable:
                          "blocks", nbytes, len(walked))
             return None
         victims = walked[:count]
-        for key in victims:
-            allocator.free(self.remove(key).offset)
+        allocator.free_many([self.remove(key).offset for key in victims])
         logger.debug("evict_for(%d): evicted %d blocks", nbytes, len(victims))
         return victims
 

@@ -264,7 +264,16 @@ class CompressedCPUOffloadingManager(OffloadingManager):
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext,
                        success: bool = True) -> None:
         stored: list[OffloadKey] = []
-        raw_pages = stored_bytes = largest = oversized = 0
+        raw_pages = stored_bytes = oversized = 0
+        # The sizes of this store set the next reservations; a block's unused tail is
+        # given back only if it could hold a block at that size. A smaller tail would
+        # be a hole no reservation fits (it returns with the block on eviction), and
+        # trimming every block costs the scheduler's step a free-list insertion each.
+        self.reservation.observe(max(
+            (abs(p.report.nbytes) for key in keys
+             if (p := self._pending.get(key)) is not None and p.report is not None),
+            default=0) if success else 0)
+        worth_trimming = self.reservation.nbytes
         for key in keys:
             pending = self._pending.pop(key, None)
             if pending is None:
@@ -275,13 +284,12 @@ class CompressedCPUOffloadingManager(OffloadingManager):
                 self._forget([key])
                 if success and report is not None and report.nbytes < 0:
                     oversized += 1
-                    largest = max(largest, -report.nbytes)
                 else:
                     self._stats.increase_counter(CompressionMetrics.STORES_FAILED)
                 continue
-            largest = max(largest, report.nbytes)
             nbytes = min(report.nbytes, pending.reserved)
-            self.allocator.shrink(pending.offset, nbytes)
+            if pending.reserved - nbytes >= worth_trimming:
+                self.allocator.shrink(pending.offset, nbytes)
             self.table.insert(key, BlockRecord(
                 offset=pending.offset,
                 nbytes=nbytes,
@@ -295,8 +303,6 @@ class CompressedCPUOffloadingManager(OffloadingManager):
             stored.append(key)
             raw_pages += report.raw_pages
             stored_bytes += nbytes
-        # Once per call, not per block: this runs in the scheduler's step.
-        self.reservation.observe(largest)
         self._stats.increase_counter(CompressionMetrics.STORES_OVERSIZED, oversized)
         self._stats.increase_counter(CompressionMetrics.RAW_PAGES, raw_pages)
         self._stats.increase_counter(CompressionMetrics.COMPRESSED_BYTES_STORED, stored_bytes)
