@@ -38,8 +38,9 @@ class FakeEngine:
 
 @pytest.fixture
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the stand-in's n-th prompt "takes" n seconds
     monkeypatch.setattr(benchmark_offload, "timed",
-                        lambda llm, prompt: llm.generate([prompt], None) or 0.0)
+                        lambda llm, prompt: llm.generate([prompt], None) or float(llm.prompts))
     monkeypatch.setattr(benchmark_offload, "settle", lambda llm, seconds=1.0: None)
 
 
@@ -55,6 +56,22 @@ def test_fill_counts_blocks_after_the_cache_has_been_evicting(no_gpu: None) -> N
     assert fill["prompts"] == engine.prompts == 6
     assert fill["evicting"] and fill["cached_blocks"] == 25
     assert fill["stores_oversized"] == 2
+    # prompts 4 to 6 were stored while the cache evicted (prompt 3 made it evict)
+    assert fill["cold_evicting_ms"] == 5000.0
+
+
+def test_summary_compares_cold_prefill_while_evicting_with_no_offloading() -> None:
+    results = {"configs": {
+        "none": {"cold": 100.0, "gpu_hit": 20.0, "cpu_hit": 100.0},
+        "native": {"cold": 102.0, "gpu_hit": 20.0, "cpu_hit": 44.0, "host_tokens": 1000},
+        "compressed": {"cold": 104.0, "gpu_hit": 21.0, "cpu_hit": 32.0, "host_tokens": 3300,
+                       "fill": {"cold_evicting_ms": 110.0}}}}
+    benchmark_offload.summarize(results)
+    summary = results["summary"]
+    assert summary["cold_slowdown_compressed"] == pytest.approx(0.04)
+    assert summary["cold_slowdown_compressed_evicting"] == pytest.approx(0.10)
+    assert summary["reload_overhead_vs_native"] == pytest.approx(11 / 24)
+    assert summary["host_tokens_vs_native"] == pytest.approx(3.3)
 
 
 def test_fill_says_so_when_the_cache_never_filled(no_gpu: None) -> None:
