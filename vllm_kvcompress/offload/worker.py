@@ -451,14 +451,16 @@ class CompressedOffloadingWorker(OffloadingWorker):
         ok &= fits
         checksums = (self._checksums(batch.offsets, sizes, ok) if batch.pages is not None
                      else np.zeros(n, dtype=np.int64))
-        for offset, nbytes, raw, checksum, rec in zip(
-                batch.offsets.tolist(), reported.tolist(), raw_pages.tolist(),
-                checksums.tolist(), sizes):
-            reports[offset] = (nbytes, raw, checksum)
-            if nbytes > 0:
-                self._records[offset] = rec.copy()
-            else:
-                self._records.pop(offset, None)
+        # This runs on the engine's step thread: whole-array work, and one compact
+        # copy of the record sizes whose rows the stored blocks keep.
+        offsets = batch.offsets.tolist()
+        reports.update(zip(offsets, zip(reported.tolist(), raw_pages.tolist(),
+                                        checksums.tolist())))
+        kept = reported > 0
+        self._records.update(zip(batch.offsets[kept].tolist(),
+                                 np.array(sizes[kept], dtype=np.int32)))
+        for offset in batch.offsets[~kept].tolist():
+            self._records.pop(offset, None)
         c = self.counters
         c.blocks_oversized += int((~fits).sum())
         c.blocks_stored += int(ok.sum())
@@ -483,11 +485,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
     def _checksums(self, offsets: np.ndarray, sizes: np.ndarray, ok: np.ndarray) -> np.ndarray:
         """Per block, the sum mod 2^32 of its records' header checksums, read from
         the arena where the records landed."""
+        # Records start 16-aligned, so each checksum is one aligned 32-bit word.
         arena = self.arena.numpy()
+        words = arena[:arena.size // 4 * 4].view("<u4")
         starts = offsets[:, None] + np.cumsum(sizes, 1) - sizes + _CHECKSUM_BYTE
         starts = np.where(ok[:, None], starts, 0)
-        words = arena[starts[..., None] + np.arange(4)].view("<u4")[..., 0]
-        return (words.sum(1, dtype=np.uint64) & 0xFFFFFFFF).astype(np.int64) * ok
+        return (words[starts // 4].sum(1, dtype=np.uint64) & 0xFFFFFFFF).astype(np.int64) * ok
 
     # --- load ---
 
