@@ -116,6 +116,41 @@ def test_large_jobs_run_in_chunks_through_small_staging() -> None:
         assert torch.allclose(c.float(), o.float(), atol=0.1)
 
 
+def test_staging_is_taken_at_start_and_reused() -> None:
+    """The GPU staging is allocated when the worker starts, at the size its chunks
+    use, and stores and loads run through those same buffers."""
+    caches = make_kv(torch.bfloat16)
+    worst = worker_block_bytes(caches)
+    worker = make_worker(caches, staging_bytes=3 * worst + worst // 2)
+    buffers = {store: (buf.data_ptr(), buf.numel())
+               for store, buf in worker._staging_buffers.items()}
+    assert buffers[True][1] == 3 * worst
+    assert buffers[False][1] == 4 * worst + worst // 2, "staging_bytes and one block"
+    offsets = reserve_offsets(worker, NUM_BLOCKS)
+    store(worker, 0, list(range(NUM_BLOCKS)), offsets)
+    assert load(worker, 1, offsets, list(range(NUM_BLOCKS))) == set()
+    assert {store: (buf.data_ptr(), buf.numel())
+            for store, buf in worker._staging_buffers.items()} == buffers
+
+
+def test_staging_without_gpu_memory_is_a_clear_start_up_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_kvcompress.offload import worker as worker_module
+
+    caches = make_kv(torch.bfloat16)
+    real_empty = torch.empty
+
+    def empty(*args: object, **kwargs: object) -> torch.Tensor:
+        """No room for a staging buffer (a byte buffer on the KV cache's device)."""
+        if "device" in kwargs and kwargs.get("dtype") == torch.uint8 and args[0] > 0:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module.torch, "empty", empty)
+    with pytest.raises(RuntimeError, match="MiB of GPU memory .* --gpu-memory-utilization"):
+        make_worker(caches, staging_bytes=1 << 20)
+
+
 @pytest.mark.parametrize("blocks_per_chunk", [NUM_BLOCKS, 3])
 def test_one_codec_launch_per_chunk_covers_every_layer(
         monkeypatch: pytest.MonkeyPatch, blocks_per_chunk: int) -> None:

@@ -247,10 +247,11 @@ class CompressedOffloadingWorker(OffloadingWorker):
                             if self.compressible else [])
         self.arena = self._dev.host_buffer((arena_bytes,), torch.uint8)
         self._staging_bytes = staging_bytes
-        # GPU staging per direction (True = store), grown on demand.
-        self._staging_buffers = {
-            store: torch.empty(0, dtype=torch.uint8, device=device) for store in (True, False)
-        }
+        # GPU staging per direction (True = store), taken now at the size the chunks
+        # use, so that no store or load fails later for GPU memory vLLM's profiler
+        # never saw; it grows only for a single block larger than staging_bytes.
+        self._staging_buffers = {store: self._reserve_staging(nbytes)
+                                 for store, nbytes in self._staging_sizes().items()}
         self._store_stream = self._dev.new_stream()
         self._load_stream = self._dev.new_stream()
         # arena offset -> record sizes of the block's pages on this rank
@@ -266,6 +267,26 @@ class CompressedOffloadingWorker(OffloadingWorker):
         self.counters = WorkerCounters()
         self._warned_unattainable = False
         self._raw_bytes_per_block = self.raw_block_bytes(0)
+
+    def _staging_sizes(self) -> dict[bool, int]:
+        """Staging bytes per direction: a store chunk holds as many worst-case blocks
+        as fit in staging_bytes; a load chunk takes the blocks that start within the
+        next staging_bytes of records, so it may end one block past them. Blocks
+        stored raw need none."""
+        if not self.compressible:
+            return {True: 0, False: 0}
+        worst = [self.reserve_bytes(g) for g in range(len(self.group_tensors))]
+        store = max(max(1, self._staging_bytes // w) * w for w in worst)
+        return {True: store, False: self._staging_bytes + max(worst)}
+
+    def _reserve_staging(self, nbytes: int) -> torch.Tensor:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self._dev.device)
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"compressed KV offloading needs {nbytes / 2**20:.0f} MiB of GPU memory "
+                "for a staging buffer; lower --gpu-memory-utilization to leave it free"
+            ) from e
 
     def reserve_bytes(self, group: int) -> int:
         """Worst-case arena bytes of one block of ``group`` on this rank."""
