@@ -247,13 +247,17 @@ class CompressedOffloadingWorker(OffloadingWorker):
                             if self.compressible else [])
         self.arena = self._dev.host_buffer((arena_bytes,), torch.uint8)
         self._staging_bytes = staging_bytes
+        self._store_stream = self._dev.new_stream()
+        self._load_stream = self._dev.new_stream()
         # GPU staging per direction (True = store), taken now at the size the chunks
         # use, so that no store or load fails later for GPU memory vLLM's profiler
         # never saw; it grows only for a single block larger than staging_bytes.
-        self._staging_buffers = {store: self._reserve_staging(nbytes)
-                                 for store, nbytes in self._staging_sizes().items()}
-        self._store_stream = self._dev.new_stream()
-        self._load_stream = self._dev.new_stream()
+        # Each is allocated on the stream that uses it, as a grown one is, so the
+        # caching allocator never hands it to other work while that stream reads it.
+        self._staging_buffers = {}
+        for store, nbytes in self._staging_sizes().items():
+            with _on(self._store_stream if store else self._load_stream):
+                self._staging_buffers[store] = self._reserve_staging(nbytes)
         # arena offset -> record sizes of the block's pages on this rank
         self._records: dict[int, np.ndarray] = {}
         self._jobs: deque[_Job] = deque()
