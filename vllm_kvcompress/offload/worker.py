@@ -665,15 +665,19 @@ class _nvtx:
     them ``kvcompress.compress``, ``kvcompress.copy`` and ``kvcompress.decompress``
     around each chunk's kernels."""
 
-    enabled = torch.cuda.is_available()
+    # Decided at first use, once: importing this module must not initialise CUDA
+    # (vLLM forks its workers from processes that have not).
+    enabled: bool | None = None
 
     def __init__(self, name: str):
         self._name = name
 
     def __enter__(self) -> None:
-        if self.enabled:
+        if _nvtx.enabled is None:
+            _nvtx.enabled = torch.cuda.is_available()
+        if _nvtx.enabled:
             torch.cuda.nvtx.range_push(self._name)
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if _nvtx.enabled:
             torch.cuda.nvtx.range_pop()
