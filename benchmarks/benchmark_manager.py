@@ -8,8 +8,9 @@ many prompts of ``--blocks`` blocks each: ``prepare_store``, the workers' report
 ``--block-bytes`` (a compressed block) and a worst case of ``--worst-bytes``, until
 the ``--arena-gib`` arena has filled and evicted for a while. It reports the median
 and maximum milliseconds per prompt of each call, apart for prompts stored while the
-arena still had room and once it evicts, and how many blocks the full arena holds
-against an uncompressed cache of the same size. JSON out::
+arena still had room and once it evicts, beside the same for vLLM's own CPU
+offloading manager over the same arena in uncompressed blocks, and how many blocks
+the full arena holds against an uncompressed cache of the same size. JSON out::
 
     python benchmarks/benchmark_manager.py --out results/manager
 """
@@ -26,24 +27,25 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vllm.v1.kv_offload.base import OffloadKey, ReqContext
+from vllm.v1.kv_offload.base import LookupResult, OffloadingManager, OffloadKey, ReqContext
+from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
 from vllm_kvcompress.offload.config import CompressionConfig
 from vllm_kvcompress.offload.manager import BlockStoreReport, CompressedCPUOffloadingManager
 
 CALLS = ("prepare_store", "complete_store", "lookup", "load")
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    capacity = int(args.arena_gib * 2**30)
-    manager = CompressedCPUOffloadingManager(
-        capacity=capacity, reserve_bytes=args.worst_bytes, raw_block_bytes=args.worst_bytes,
-        compression=CompressionConfig(cpu_bytes=capacity), kv_dtype="bfloat16")
+def run_prompts(manager: OffloadingManager, args: argparse.Namespace, label: str,
+                reported_sizes: bool) -> tuple[dict[str, list[float]], list[bool], list[int]]:
+    """Times each manager call per prompt; returns the times, whether each prompt's
+    store evicted, and how many blocks the cache held after it."""
     ctx = ReqContext(req_id="bench")
     rng = random.Random(args.seed)
     times: dict[str, list[float]] = {call: [] for call in CALLS}
     evicting: list[bool] = []
     resident: list[int] = []
-    for prompt in tqdm(range(args.prompts), desc="prompts"):
+    held = 0
+    for prompt in tqdm(range(args.prompts), desc=f"{label} prompts"):
         keys = [OffloadKey((prompt * args.blocks + i).to_bytes(8, "big"))
                 for i in range(args.blocks)]
         start = time.perf_counter()
@@ -52,33 +54,56 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if out is None:
             raise SystemExit("the arena cannot take a prompt's blocks; raise --arena-gib")
         evicting.append(bool(out.evicted_keys))
-        spread = args.block_bytes * args.spread
-        reports = {int(offset): BlockStoreReport(
-            int(args.block_bytes + rng.uniform(-spread, spread)), 0, 0)
-            for offset in out.store_spec.offsets}
+        if reported_sizes:
+            spread = args.block_bytes * args.spread
+            reports = {int(offset): BlockStoreReport(
+                int(args.block_bytes + rng.uniform(-spread, spread)), 0, 0)
+                for offset in out.store_spec.offsets}
         start = time.perf_counter()
-        manager.record_store_reports(reports)
+        if reported_sizes:
+            manager.record_store_reports(reports)
         manager.complete_store(out.keys_to_store, ctx)
         times["complete_store"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        for key in keys:
-            manager.lookup(key, ctx)
+        found = [manager.lookup(key, ctx) for key in keys]
         times["lookup"].append(time.perf_counter() - start)
-        cached = [k for k in keys if k in manager.table]
+        cached = [key for key, hit in zip(keys, found) if hit == LookupResult.HIT]
         start = time.perf_counter()
         manager.prepare_load(cached, ctx)
         manager.complete_load(cached, ctx)
         times["load"].append(time.perf_counter() - start)
-        resident.append(len(manager.table))
+        held += len(out.keys_to_store) - len(out.evicted_keys)
+        resident.append(held)
+    return times, evicting, resident
+
+
+def per_prompt_ms(times: dict[str, list[float]], evicting: list[bool]
+                  ) -> dict[str, dict[str, dict[str, float]]]:
+    """Median and maximum ms of each call, apart for prompts stored while the cache
+    had room and once it evicts."""
+    return {phase: {call: {"median": 1e3 * statistics.median(t), "max": 1e3 * max(t)}
+                    for call, t in ((c, [x for x, e in zip(ts, evicting) if e == evicts])
+                                    for c, ts in times.items()) if t}
+            for phase, evicts in (("filling", False), ("evicting", True))}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    capacity = int(args.arena_gib * 2**30)
+    manager = CompressedCPUOffloadingManager(
+        capacity=capacity, reserve_bytes=args.worst_bytes, raw_block_bytes=args.worst_bytes,
+        compression=CompressionConfig(cpu_bytes=capacity), kv_dtype="bfloat16")
+    times, evicting, resident = run_prompts(manager, args, "compressed", reported_sizes=True)
+    # vLLM's own CPU offloading manager over the same arena in uncompressed blocks,
+    # through the same prompts: what the scheduler pays without compression.
+    native = CPUOffloadingManager(num_blocks=capacity // args.worst_bytes)
+    native_times, native_evicting, _ = run_prompts(native, args, "native",
+                                                   reported_sizes=False)
     stats = manager.allocator.stats()
     steady = resident[len(resident) // 2:]
     return {
         "args": vars(args) | {"out": str(args.out)},
-        "ms_per_prompt": {
-            phase: {call: {"median": 1e3 * statistics.median(t), "max": 1e3 * max(t)}
-                    for call, t in ((c, [x for x, e in zip(ts, evicting) if e == phase_evicts])
-                                    for c, ts in times.items()) if t}
-            for phase, phase_evicts in (("filling", False), ("evicting", True))},
+        "ms_per_prompt": per_prompt_ms(times, evicting),
+        "native_ms_per_prompt": per_prompt_ms(native_times, native_evicting),
         "resident_blocks": statistics.median(steady),
         "uncompressed_blocks": capacity // args.worst_bytes,
         "capacity_vs_uncompressed": statistics.median(steady) / (capacity // args.worst_bytes),
@@ -106,10 +131,13 @@ def main() -> None:
     result = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print(f"{'':<25}{'compressed':>22}{'native':>22}")
+    print(f"{'ms per prompt':<25}{'median':>11}{'max':>11}{'median':>11}{'max':>11}")
     for phase, calls in result["ms_per_prompt"].items():
         for call, t in calls.items():
-            print(f"{phase:<9}{call:<15} median {t['median']:7.2f} ms  max {t['max']:7.2f} ms "
-                  "per prompt")
+            n = result["native_ms_per_prompt"].get(phase, {}).get(call)
+            native = f"{n['median']:>11.2f}{n['max']:>11.2f}" if n else f"{'-':>11}{'-':>11}"
+            print(f"{phase + ' ' + call:<25}{t['median']:>11.2f}{t['max']:>11.2f}{native}")
     print(f"full arena holds {result['resident_blocks']:.0f} blocks, "
           f"{result['capacity_vs_uncompressed']:.2f}x an uncompressed cache "
           f"(ideal {result['ideal_vs_uncompressed']:.2f}x)")

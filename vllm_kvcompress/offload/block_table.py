@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Container, Hashable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vllm_kvcompress.offload.arena_allocator import ArenaAllocator
 
@@ -28,8 +28,18 @@ from vllm.logger import init_logger
 logger = init_logger(__name__)
 
 
-@dataclass(frozen=True)
-class BlockRecord:
+class _BlockRecordFields(NamedTuple):
+    offset: int
+    nbytes: int
+    raw_nbytes: int
+    mode: int
+    error_bound: float
+    dtype: str
+    checksum: int
+    is_raw: bool
+
+
+class BlockRecord(_BlockRecordFields):
     """Where one offloaded block lives in the arena and how it was stored.
 
     ``nbytes`` is the size of the stored data; the allocation at ``offset`` is at
@@ -40,26 +50,26 @@ class BlockRecord:
     can refuse a block written under a looser bound than it now requires);
     ``checksum`` is a whole-block check (e.g. over the record checksums);
     ``is_raw`` is true when the block was stored uncompressed.
+
+    Immutable, since the table's byte totals follow ``nbytes``. A validated named
+    tuple rather than a frozen dataclass: the scheduler's step builds one per stored
+    block, and a frozen dataclass takes three times as long to build.
     """
 
-    offset: int
-    nbytes: int
-    raw_nbytes: int
-    mode: int
-    error_bound: float
-    dtype: str
-    checksum: int
-    is_raw: bool
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        if self.offset < 0:
-            raise ValueError(f"offset must be >= 0, got {self.offset}")
-        if self.nbytes <= 0:
-            raise ValueError(f"nbytes must be > 0, got {self.nbytes}")
-        if self.raw_nbytes <= 0:
-            raise ValueError(f"raw_nbytes must be > 0, got {self.raw_nbytes}")
-        if not self.error_bound >= 0:  # also rejects NaN
-            raise ValueError(f"error_bound must be >= 0, got {self.error_bound}")
+    def __new__(cls, offset: int, nbytes: int, raw_nbytes: int, mode: int,
+                error_bound: float, dtype: str, checksum: int, is_raw: bool) -> BlockRecord:
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        if nbytes <= 0:
+            raise ValueError(f"nbytes must be > 0, got {nbytes}")
+        if raw_nbytes <= 0:
+            raise ValueError(f"raw_nbytes must be > 0, got {raw_nbytes}")
+        if not error_bound >= 0:  # also rejects NaN
+            raise ValueError(f"error_bound must be >= 0, got {error_bound}")
+        return tuple.__new__(cls, (offset, nbytes, raw_nbytes, mode, error_bound, dtype,
+                                   checksum, is_raw))
 
 
 class BlockTable:

@@ -274,8 +274,12 @@ class CompressedCPUOffloadingManager(OffloadingManager):
              if (p := self._pending.get(key)) is not None and p.report is not None),
             default=0) if success else 0)
         worth_trimming = self.reservation.nbytes
+        # Per stored block this loop is the scheduler's cost: constants hoisted.
+        pending_stores, insert = self._pending, self.table.insert
+        raw_block, mode = self.raw_block_bytes, self._mode
+        error_bound, dtype = self.compression.error_bound, self.kv_dtype
         for key in keys:
-            pending = self._pending.pop(key, None)
+            pending = pending_stores.pop(key, None)
             if pending is None:
                 continue
             report = pending.report
@@ -290,16 +294,8 @@ class CompressedCPUOffloadingManager(OffloadingManager):
             nbytes = min(report.nbytes, pending.reserved)
             if pending.reserved - nbytes >= worth_trimming:
                 self.allocator.shrink(pending.offset, nbytes)
-            self.table.insert(key, BlockRecord(
-                offset=pending.offset,
-                nbytes=nbytes,
-                raw_nbytes=self.raw_block_bytes,
-                mode=self._mode,
-                error_bound=self.compression.error_bound,
-                dtype=self.kv_dtype,
-                checksum=report.checksum,
-                is_raw=report.raw_pages > 0,
-            ))
+            insert(key, BlockRecord(pending.offset, nbytes, raw_block, mode, error_bound, dtype,
+                                    report.checksum, report.raw_pages > 0))
             stored.append(key)
             raw_pages += report.raw_pages
             stored_bytes += nbytes
