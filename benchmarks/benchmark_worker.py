@@ -50,7 +50,7 @@ from vllm.v1.kv_offload.base import (
     GPULoadStoreSpec,
 )
 from vllm_kvcompress.codec import CodecConfig, CodecMode
-from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND, DEFAULT_MODE
+from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND, DEFAULT_MODE, MODE_NAMES
 from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
 from vllm_kvcompress.offload.worker import CompressedOffloadingWorker
 
@@ -90,7 +90,7 @@ def build_caches(args: argparse.Namespace, device: torch.device
 def run_job(worker: CompressedOffloadingWorker, submit, job_id: int, sync) -> dict[str, float]:
     sync()
     start = time.perf_counter()
-    assert submit()
+    assert submit(job_id)
     submitted = time.perf_counter()
     results = []
     while not results:
@@ -225,20 +225,28 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     dst = src + blocks_per_prompt
     offsets = [int(i) * reserve for i in range(blocks_per_prompt)]
     spec = ArenaLoadStoreSpec(offsets, [reserve] * blocks_per_prompt)
+
+    def store_job(job_id: int) -> bool:
+        """The prompt's blocks into the arena."""
+        return worker.submit_store(
+            job_id, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
+            spec)
+
+    def load_job(job_id: int) -> bool:
+        """The prompt back from the arena, into other GPU blocks."""
+        return worker.submit_load(
+            job_id, spec,
+            GPULoadStoreSpec(dst.tolist(), group_sizes=[len(dst)], block_indices=[0]))
+
     samples: dict[str, list[dict[str, float]]] = {"store": [], "load": []}
     profiler = None
     for rep in range(args.warmup + args.repeats):
         if args.profile and rep == args.warmup + args.repeats - 1:
             profiler = torch.profiler.profile(record_shapes=False)
             profiler.__enter__()
-        store = run_job(worker, lambda: worker.submit_store(
-            2 * rep, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
-            spec), 2 * rep, sync)
+        store = run_job(worker, store_job, 2 * rep, sync)
         worker.store_reports.clear()
-        load = run_job(worker, lambda: worker.submit_load(
-            2 * rep + 1, spec,
-            GPULoadStoreSpec(dst.tolist(), group_sizes=[len(dst)], block_indices=[0])),
-            2 * rep + 1, sync)
+        load = run_job(worker, load_job, 2 * rep + 1, sync)
         assert not worker.failed_load_block_ids, "every block must decode"
         if rep >= args.warmup:
             samples["store"].append(store)
@@ -247,15 +255,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         profiler.__exit__(None, None, None)
     host_profiles = {}
     if args.profile:
-        host_profiles["store"] = host_profile(worker, lambda: worker.submit_store(
-            10_000, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
-            spec))
-        host_profiles["load"] = host_profile(worker, lambda: worker.submit_load(
-            10_001, spec,
-            GPULoadStoreSpec(dst.tolist(), group_sizes=[len(dst)], block_indices=[0])))
-    beside = contention(worker, lambda job_id: worker.submit_store(
-        job_id, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
-        spec), caches, src, args, sync)
+        host_profiles["store"] = host_profile(worker, store_job, 10_000)
+        host_profiles["load"] = host_profile(worker, load_job, 10_001)
+    beside = contention(worker, store_job, caches, src, args, sync)
     worst = max_error_over_bound(worker, src, dst, args.error_bound)
     if worst > 1.0:
         raise SystemExit(f"reloaded KV breaks the error bound: max error {worst:.3f} x bound")
@@ -280,12 +282,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def host_profile(worker: CompressedOffloadingWorker, submit) -> str:
+def host_profile(worker: CompressedOffloadingWorker, submit, job_id: int) -> str:
     """The Python profile of one submit (functions by their own time), then waits
     for the job so the next measurement starts from an idle worker."""
     profile = cProfile.Profile()
     profile.enable()
-    assert submit()
+    assert submit(job_id)
     profile.disable()
     while not worker.get_finished():
         pass
@@ -330,7 +332,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--error-bound", type=float, default=DEFAULT_ERROR_BOUND,
                         help="relative")
-    parser.add_argument("--mode", choices=[m.name.lower() for m in CodecMode],
+    parser.add_argument("--mode", choices=list(MODE_NAMES),
                         default=DEFAULT_MODE)
     parser.add_argument("--rows", type=int, default=1, help="codec stream order")
     parser.add_argument("--warmup", type=int, default=2)

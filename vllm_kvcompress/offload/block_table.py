@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Container, Hashable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from vllm_kvcompress.offload.arena_allocator import ArenaAllocator
 
@@ -59,7 +59,7 @@ class BlockRecord(_BlockRecordFields):
     __slots__ = ()
 
     def __new__(cls, offset: int, nbytes: int, raw_nbytes: int, mode: int,
-                error_bound: float, dtype: str, checksum: int, is_raw: bool) -> BlockRecord:
+                error_bound: float, dtype: str, checksum: int, is_raw: bool) -> Self:
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         if nbytes <= 0:

@@ -117,7 +117,6 @@ class CompressedCPUOffloadingManager(OffloadingManager):
                 f"({reserve_bytes} bytes reserved per block); raise --kv-offloading-size")
         self.medium = MEDIUM_CPU
         self.capacity = capacity
-        self.reserve_bytes = reserve_bytes
         self.reservation = ReservationSize(reserve_bytes)
         self.raw_block_bytes = raw_block_bytes
         self.compression = compression

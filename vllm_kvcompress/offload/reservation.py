@@ -1,8 +1,9 @@
 """How many arena bytes to reserve for a block whose compressed size is unknown.
 
 The scheduler reserves a block's arena range before the GPU has compressed it and
-trims the range to the reported size afterwards. Reserving the worst case (every
-page raw) would leave a hole of ``worst - actual`` bytes behind every stored block;
+learns the block's size afterwards. Reserving the worst case (every page raw) and
+trimming to that size would leave a hole of ``worst - actual`` bytes behind every
+stored block;
 the next worst-case reservation never fits in such a hole, so the arena would fill
 with holes and hold no more blocks than an uncompressed cache. The reservation
 therefore follows the largest block recently stored, plus a margin. A block that

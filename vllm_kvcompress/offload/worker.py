@@ -279,9 +279,13 @@ class CompressedOffloadingWorker(OffloadingWorker):
         stored raw need none."""
         if not self.compressible:
             return {True: 0, False: 0}
-        worst = [self.reserve_bytes(g) for g in range(len(self.group_tensors))]
-        store = max(max(1, self._staging_bytes // w) * w for w in worst)
-        return {True: store, False: self._staging_bytes + max(worst)}
+        groups = range(len(self.group_tensors))
+        store = max(self._store_chunk_blocks(g) * self.reserve_bytes(g) for g in groups)
+        return {True: store, False: self._staging_bytes + max(map(self.reserve_bytes, groups))}
+
+    def _store_chunk_blocks(self, group: int) -> int:
+        """Blocks of ``group`` per store chunk: as many worst cases as staging holds."""
+        return max(1, self._staging_bytes // self.reserve_bytes(group))
 
     def _reserve_staging(self, nbytes: int) -> torch.Tensor:
         try:
@@ -398,7 +402,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         lengths = torch.empty(n, dtype=torch.int64, device=device)
         status = torch.empty(n, dtype=torch.int32, device=device)
         worst = self.reserve_bytes(group)
-        step = max(1, self._staging_bytes // worst)
+        step = self._store_chunk_blocks(group)
         for lo in range(0, n, step):
             hi = min(lo + step, n)
             part = table[lo:hi]
