@@ -269,6 +269,65 @@ __device__ uint32_t checksum_words(const uint8_t* p, uint32_t bytes, uint32_t fi
   return sum;
 }
 
+// Copies `bytes` (a multiple of 4) between word-aligned buffers, 16 bytes at a time
+// when both are 16-byte aligned, and returns this thread's checksum terms of the
+// words it copied, word i of `src` at checksum index `first + i`: the words are
+// hashed from the registers they are copied through, not read back from `dst`.
+__device__ uint32_t copy_checksum_words(uint8_t* dst, const uint8_t* src, uint32_t bytes,
+                                        uint32_t first) {
+  uint32_t sum = 0, done = 0;
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+    done = bytes / 16 * 4;
+    for (uint32_t i = threadIdx.x; i < bytes / 16; i += kThreads) {
+      const uint4 v = reinterpret_cast<const uint4*>(src)[i];
+      reinterpret_cast<uint4*>(dst)[i] = v;
+      sum += checksum_term(v.x, first + 4 * i) + checksum_term(v.y, first + 4 * i + 1) +
+             checksum_term(v.z, first + 4 * i + 2) + checksum_term(v.w, first + 4 * i + 3);
+    }
+  }
+  for (uint32_t i = done + threadIdx.x; i < bytes / 4; i += kThreads) {
+    const uint32_t w = reinterpret_cast<const uint32_t*>(src)[i];
+    reinterpret_cast<uint32_t*>(dst)[i] = w;
+    sum += checksum_term(w, first + i);
+  }
+  return sum;
+}
+
+// Checksum terms of words[begin..end), word i at checksum index `first + i`; `words`
+// is 16-byte aligned. Up to three words one at a time to a 16-byte boundary, then
+// 16 bytes a load with several loads in flight per thread (the words were just
+// written by other warps and come back from L2), then the last few words.
+__device__ uint32_t checksum_range(const uint32_t* words, uint32_t begin, uint32_t end,
+                                   uint32_t first) {
+  const uint32_t head = min(end, round_up(begin, 4u)), vbegin = head / 4, vend = end / 4;
+  uint32_t sum = 0;
+  if (threadIdx.x < head - begin) {
+    sum += checksum_term(words[begin + threadIdx.x], first + begin + threadIdx.x);
+  }
+  constexpr int kInFlight = 4;
+  const uint4* vecs = reinterpret_cast<const uint4*>(words);
+  for (uint32_t k0 = vbegin + threadIdx.x; k0 < vend; k0 += kThreads * kInFlight) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const uint32_t k = k0 + u * kThreads;
+      if (k < vend) v[u] = vecs[k];
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const uint32_t k = k0 + u * kThreads;
+      if (k >= vend) break;
+      sum += checksum_term(v[u].x, first + 4 * k) + checksum_term(v[u].y, first + 4 * k + 1) +
+             checksum_term(v[u].z, first + 4 * k + 2) + checksum_term(v[u].w, first + 4 * k + 3);
+    }
+  }
+  const uint32_t tail = max(head, 4 * vend);
+  if (tail + threadIdx.x < end) {
+    sum += checksum_term(words[tail + threadIdx.x], first + tail + threadIdx.x);
+  }
+  return sum;
+}
+
 __device__ uint32_t header_checksum_sum(const PageHeader& h) {
   const uint32_t* w = reinterpret_cast<const uint32_t*>(&h);
   uint32_t sum = 0;
@@ -319,22 +378,29 @@ struct CompressArgs {
   bool relative;
 };
 
-// Bound checks pass in f32 where they certainly pass in binary64: rounding is
-// monotonic and eb is an f32, so f32(|x - y|) < eb implies |x - y| < eb; and
-// f32(x - y) == 0 only when x == y, which passes eb == 0. `pass_below` is eb, or
-// the smallest subnormal when eb is 0. Whatever fails this (a tie with eb,
-// overflow, NaN) is only suspect and goes to verify_exact.
-__device__ __forceinline__ float fast_pass_limit(float eb) {
-  return eb == 0.0f ? 0x1p-149f : eb;
+// The bound check of docs/format.md in f32, deciding all but genuine ties. eb is an
+// f32 and rounding is monotonic, with e = f32(|x - y|) and d = |x - y| exactly:
+//  * e < eb implies d < eb, so the value passes in binary64 too (e == 0 only when
+//    x == y, which passes eb == 0).
+//  * e > eb (also e = Inf) implies f64(d) > eb: were f64(d) <= eb < d, f64(d) would be
+//    eb and d within half a binary64 ulp above eb, so e would round to eb. A NaN y,
+//    |p| > 2^22 or a NaN p fail exactly as in binary64. Such a value is certainly bad:
+//    the page goes RAW with no second look.
+//  * e == eb (eb > 0) is a tie that binary64 decides either way: the page goes through
+//    verify_exact. `tie_at` is eb, or NaN (equal to nothing) when eb is 0, where
+//    e == 0 passes and anything else fails.
+__device__ __forceinline__ float tie_limit(float eb) {
+  return eb == 0.0f ? __int_as_float(0x7FC00000) : eb;
 }
 
-// Quantised value and residual of one lane (zero for padding), and whether its bound
-// check needs verify_exact. Residuals are unsigned so that a page about to go RAW,
-// whose q may be saturated garbage, never overflows a signed int.
+// Quantised value and residual of one lane (zero for padding), and its bound check:
+// `bad` certainly fails, `tie` needs verify_exact. Residuals are unsigned so that a
+// page about to go RAW, whose q may be saturated garbage, never overflows a signed int.
 struct LaneCode {
   int32_t q;
   uint32_t d;
-  bool suspect;
+  bool bad;
+  bool tie;
 };
 
 // Codes the values of one warp's blocks; the per-page and per-lane constants.
@@ -343,7 +409,7 @@ struct BlockCoder {
   using C = CudaType<Code>;
   const typename C::type* page;
   PageQuant pq;
-  float pass_below;    // see fast_pass_limit
+  float tie_at;       // see tie_limit
   uint32_t not_first;  // all ones except in lane 0
   uint32_t lane_end;   // blocks from here on are padding in this lane
 
@@ -355,14 +421,15 @@ struct BlockCoder {
     const float p = mul_rn(x, pq.inv);
     const int32_t q = __float2int_rn(p);
     const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(q), pq.step)));
-    const bool fine = (fabsf(p) <= kMaxQuant) & (fabsf(__fsub_rn(x, y)) < pass_below);
+    const float e = fabsf(__fsub_rn(x, y));
+    const bool ok = (fabsf(p) <= kMaxQuant) & (e <= pq.eb);
     const uint32_t u = static_cast<uint32_t>(q);
     uint32_t d = u;
     if constexpr (Mode != kFixed) {
       const uint32_t prev = __shfl_up_sync(kFull, u, 1);
       d = Mode == kPlain ? u - (prev & not_first) : (u - prev) & not_first;
     }
-    return LaneCode{q, valid ? d : 0u, valid && !fine};
+    return LaneCode{q, valid ? d : 0u, valid && !ok, valid && e == tie_at};
   }
 };
 
@@ -371,7 +438,7 @@ __device__ __forceinline__ BlockCoder<Code, Mode> block_coder(
     const typename CudaType<Code>::type* page, const PageQuant& pq, uint32_t n,
     uint32_t num_blocks, int lane) {
   const uint32_t last_lanes = n - (num_blocks - 1) * kBlockValues;
-  return BlockCoder<Code, Mode>{page, pq, fast_pass_limit(pq.eb), lane > 0 ? kFull : 0u,
+  return BlockCoder<Code, Mode>{page, pq, tie_limit(pq.eb), lane > 0 ? kFull : 0u,
                                 static_cast<uint32_t>(lane) < last_lanes ? num_blocks
                                                                         : num_blocks - 1};
 }
@@ -380,8 +447,8 @@ __device__ __forceinline__ uint32_t magnitude(uint32_t d) {
   return static_cast<int32_t>(d) < 0 ? 0u - d : d;
 }
 
-// The bound check of docs/format.md exactly as written, for pages with a suspect
-// value; true (for every thread) if some value fails it.
+// The bound check of docs/format.md exactly as written, for pages with a tie (see
+// tie_limit) and no certainly bad value; true (for every thread) if some value fails it.
 template <uint8_t Code>
 __device__ bool verify_exact(const typename CudaType<Code>::type* page, uint32_t n,
                              const PageGeometry& g, const PageQuant& pq) {
@@ -407,18 +474,20 @@ __device__ __forceinline__ uint2 warp_blocks(uint32_t num_blocks, int warp) {
 }
 
 // Pass 1 over a warp's run: each block's width byte, and the run's plane words (x)
-// and outlier bytes (y). `suspect` collects values that need verify_exact.
+// and outlier bytes (y). `check` collects the lane's bound checks: bit 0 a value
+// certainly bad, bit 1 a tie for verify_exact.
 template <uint8_t Code, uint8_t Mode>
 __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run, uint8_t* widths,
-                                             bool* suspect) {
+                                             uint32_t* check) {
   const int lane = threadIdx.x & 31;
   uint2 sizes = make_uint2(0, 0);
-  bool any = false;
+  bool bad = false, tie = false;
   StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
   for (uint32_t j = run.x; j < run.y; ++j, cur.advance()) {
     const LaneCode c = coder.code(cur.index, j);
-    any |= c.suspect;
+    bad |= c.bad;
+    tie |= c.tie;
     const int f = bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
     int k = 0;
     if constexpr (Mode == kOutlier) k = byte_length(zigzag(__shfl_sync(kFull, c.q, 0)));
@@ -426,7 +495,7 @@ __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder
     sizes.x += block_words(f);
     sizes.y += k;
   }
-  *suspect = any;
+  *check = static_cast<uint32_t>(bad) | static_cast<uint32_t>(tie) << 1;
   return sizes;
 }
 
@@ -542,6 +611,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint32_t scratch[kWarps];
   __shared__ uint2 warp_sizes[kWarps];  // plane words and outlier bytes of each warp's blocks
+  __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_blocks)
   __shared__ uint32_t page_index;
   __shared__ PageQuant pq_s;
   __shared__ uint64_t offset_s;
@@ -634,13 +704,19 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   // Pass 1: widths, section sizes and the bound check of every value.
   const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(page, pq, a.n, B, lane);
   const uint2 run = warp_blocks(B, warp);
-  bool suspect = false;
+  uint32_t check = 0;
   uint2 sizes = make_uint2(0, 0);
-  if (pq.raw_reason == 0) sizes = size_blocks(coder, g, run, widths, &suspect);
-  if (lane == 0) warp_sizes[warp] = sizes;
-  const bool bad = __syncthreads_or(suspect) && verify_exact<Code>(page, a.n, g, pq);
-  // This warp's offsets in the planes and outlier sections, and the section totals.
+  if (pq.raw_reason == 0) sizes = size_blocks(coder, g, run, widths, &check);
+  check = __reduce_or_sync(kFull, check);
+  if (lane == 0) {
+    warp_sizes[warp] = sizes;
+    warp_check[warp] = check;
+  }
+  __syncthreads();
+  // This warp's offsets in the planes and outlier sections, the section totals and
+  // the page's bound checks.
   uint2 base = make_uint2(0, 0), totals = make_uint2(0, 0);
+  check = 0;
   for (int w = 0; w < kWarps; ++w) {
     const uint2 v = warp_sizes[w];
     if (w < warp) {
@@ -649,7 +725,11 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
     }
     totals.x += v.x;
     totals.y += v.y;
+    check |= warp_check[w];
   }
+  // A certainly bad value sends the page RAW at once; only ties (check == 2, the same
+  // in every thread) need the whole page checked again in binary64.
+  const bool bad = (check & 1u) != 0 || (check != 0 && verify_exact<Code>(page, a.n, g, pq));
 
   if (threadIdx.x == 0) {
     uint8_t reason = pq.raw_reason;
@@ -682,8 +762,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   if (reason != 0) {
     // A padded page is not contiguous in shared memory; its source is (aligned).
     const uint8_t* raw = g.padded ? src : smem;
-    copy_words(payload, raw, payload_len);
-    sum = checksum_words(raw, payload_len, kHeaderChecksumWords);
+    sum = copy_checksum_words(payload, raw, payload_len, kHeaderChecksumWords);
   } else {
     const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
     // Padding bytes only: the blocks' bytes are written by pass 1 and below.
@@ -693,12 +772,16 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
     write_blocks(coder, g, run, widths, base, reinterpret_cast<uint32_t*>(payload) + plane_word0,
                  stage);
     __syncthreads();
-    copy_words(payload, widths, width_bytes);
-    copy_words(payload + width_bytes, stage, outlier_bytes);
-    __syncthreads();
-    // One pass over the payload as written: in the block loop only the f + 1 lanes
-    // holding a word would hash, most of the warp idle.
-    sum = checksum_words(payload, payload_len, kHeaderChecksumWords);
+    // The widths and outlier sections are hashed as they are copied out of shared
+    // memory, the plane words in one pass over the payload as written (the barrier
+    // above makes them visible): hashing them in the block loop would cost the warp
+    // a whole hash per block with only the f + 1 lanes holding a word busy, where
+    // this pass hashes 32 words with the same instructions.
+    sum = copy_checksum_words(payload, widths, width_bytes, kHeaderChecksumWords);
+    sum += copy_checksum_words(payload + width_bytes, stage, outlier_bytes,
+                               kHeaderChecksumWords + width_bytes / 4);
+    sum += checksum_range(reinterpret_cast<const uint32_t*>(payload), plane_word0,
+                          payload_len / 4, kHeaderChecksumWords);
   }
   const uint32_t record_end = round_up(kHeaderBytes + payload_len, kRecordAlign);
   for (uint32_t i = kHeaderBytes + payload_len + 4 * threadIdx.x; i < record_end; i += 4 * kThreads) {
