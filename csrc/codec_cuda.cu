@@ -2,11 +2,12 @@
 //
 // One thread block (CTA) codes one page. The page is staged in shared memory (rows
 // padded against bank conflicts, see PageGeometry), so the column-major stream
-// order costs next to nothing, and each warp codes one
-// 32-value block at a time: lane i holds value i, a warp OR gives the width and
-// one ballot per bit gives each bit-plane word. Compression finds each page's
-// output offset with a single-pass decoupled look-back over the pages before it,
-// so the whole batch is one launch with no host round trip.
+// order costs next to nothing, and each warp codes one 32-value block at a time:
+// lane i holds value i, a warp OR gives the width and a warp bit-matrix transpose
+// gives the bit-plane words (and, decoding, the magnitudes back). Compression finds
+// each page's output offset with a single-pass decoupled look-back over the pages
+// before it, so the whole batch is one launch with no host round trip.
+// docs/codec-kernel-notes.md says where the instructions per value go.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,6 +17,7 @@
 
 #include <cuda/atomic>
 #include <string>
+#include <type_traits>
 
 #include "codec_common.h"
 #include "ops.h"
@@ -53,17 +55,24 @@ constexpr unsigned long long kFlagAggregate = 1ull << 62;
 constexpr unsigned long long kFlagPrefix = 2ull << 62;
 constexpr unsigned long long kFlagValue = (1ull << 62) - 1;
 
+// Dynamic shared memory of one CTA: the staged page, then per-block tables.
 struct SharedLayout {
   uint32_t page_bytes;  // page storage, rounded up to 16
   uint32_t num_blocks;
   __host__ __device__ uint32_t widths_at() const { return page_bytes; }
-  __host__ __device__ uint32_t words_at() const { return widths_at() + round_up(num_blocks, 16); }
+  __host__ __device__ uint32_t tables_at() const { return widths_at() + round_up(num_blocks, 16); }
+  // Compression assembles the outlier section (at most 3 bytes a block) after the
+  // widths; only outlier mode has one.
+  __host__ __device__ uint32_t stage_at() const { return tables_at(); }
+  __host__ __device__ uint32_t compress_total(bool outlier) const {
+    return stage_at() + (outlier ? round_up(3 * num_blocks, 16) : 0u);
+  }
+  // Decompression keeps each block's first plane word and first outlier byte.
+  __host__ __device__ uint32_t words_at() const { return tables_at(); }
   __host__ __device__ uint32_t outl_at() const { return words_at() + 4 * round_up(num_blocks, 4); }
-  // Compression keeps each block's zigzagged outlier here ...
-  __host__ __device__ uint32_t zig_at() const { return outl_at() + 4 * round_up(num_blocks, 4); }
-  // ... and assembles the outlier section here (at most 3 bytes a block).
-  __host__ __device__ uint32_t stage_at() const { return zig_at() + 4 * round_up(num_blocks, 4); }
-  __host__ __device__ uint32_t total() const { return stage_at() + round_up(3 * num_blocks, 16); }
+  __host__ __device__ uint32_t decompress_total() const {
+    return outl_at() + 4 * round_up(num_blocks, 4);
+  }
 };
 
 // Division by a divisor fixed for a page, as a multiply-high and a shift: the
@@ -139,6 +148,40 @@ __device__ __forceinline__ uint32_t staged_chunk_offset(const PageGeometry& g, u
                                                         int elem_bytes) {
   const uint32_t row = fast_div(g.row_chunks, k);
   return row * g.pitch * elem_bytes + (k - row * g.row_chunks.d) * 16;
+}
+
+// Walks one lane's stream positions s, s + stride, s + 2 * stride, ... and gives the
+// shared-memory index of each. Moving on costs two adds and a rare row wrap, where
+// staged_index needs a multiply-high division per value.
+struct StreamCursor {
+  uint32_t index;       // shared-memory index of the current position
+  uint32_t row;         // its row, position mod rows
+  uint32_t rows;
+  uint32_t step_row;    // stride mod rows
+  uint32_t step_index;  // index change of a stride that stays below the last row
+  uint32_t wrap;        // further index change when the row passes the last one
+  __device__ __forceinline__ void advance() {
+    index += step_index;
+    row += step_row;
+    if (row >= rows) {
+      row -= rows;
+      index += wrap;
+    }
+  }
+};
+
+__device__ __forceinline__ StreamCursor stream_cursor(const PageGeometry& g, uint32_t s,
+                                                      uint32_t stride) {
+  StreamCursor c;
+  c.rows = g.rows.d;
+  const uint32_t col = fast_div(g.rows, s), step_col = stride / c.rows;
+  c.row = s - col * c.rows;
+  c.index = c.row * g.pitch + col;
+  c.step_row = stride - step_col * c.rows;
+  c.step_index = c.step_row * g.pitch + step_col;
+  // Passing the last row goes back rows rows and on one column (mod 2^32).
+  c.wrap = 1u - c.rows * g.pitch;
+  return c;
 }
 
 template <typename T, typename Op>
@@ -226,6 +269,65 @@ __device__ uint32_t checksum_words(const uint8_t* p, uint32_t bytes, uint32_t fi
   return sum;
 }
 
+// Copies `bytes` (a multiple of 4) between word-aligned buffers, 16 bytes at a time
+// when both are 16-byte aligned, and returns this thread's checksum terms of the
+// words it copied, word i of `src` at checksum index `first + i`: the words are
+// hashed from the registers they are copied through, not read back from `dst`.
+__device__ uint32_t copy_checksum_words(uint8_t* dst, const uint8_t* src, uint32_t bytes,
+                                        uint32_t first) {
+  uint32_t sum = 0, done = 0;
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+    done = bytes / 16 * 4;
+    for (uint32_t i = threadIdx.x; i < bytes / 16; i += kThreads) {
+      const uint4 v = reinterpret_cast<const uint4*>(src)[i];
+      reinterpret_cast<uint4*>(dst)[i] = v;
+      sum += checksum_term(v.x, first + 4 * i) + checksum_term(v.y, first + 4 * i + 1) +
+             checksum_term(v.z, first + 4 * i + 2) + checksum_term(v.w, first + 4 * i + 3);
+    }
+  }
+  for (uint32_t i = done + threadIdx.x; i < bytes / 4; i += kThreads) {
+    const uint32_t w = reinterpret_cast<const uint32_t*>(src)[i];
+    reinterpret_cast<uint32_t*>(dst)[i] = w;
+    sum += checksum_term(w, first + i);
+  }
+  return sum;
+}
+
+// Checksum terms of words[begin..end), word i at checksum index `first + i`; `words`
+// is 16-byte aligned. Up to three words one at a time to a 16-byte boundary, then
+// 16 bytes a load with several loads in flight per thread (the words were just
+// written by other warps and come back from L2), then the last few words.
+__device__ uint32_t checksum_range(const uint32_t* words, uint32_t begin, uint32_t end,
+                                   uint32_t first) {
+  const uint32_t head = min(end, round_up(begin, 4u)), vbegin = head / 4, vend = end / 4;
+  uint32_t sum = 0;
+  if (threadIdx.x < head - begin) {
+    sum += checksum_term(words[begin + threadIdx.x], first + begin + threadIdx.x);
+  }
+  constexpr int kInFlight = 4;
+  const uint4* vecs = reinterpret_cast<const uint4*>(words);
+  for (uint32_t k0 = vbegin + threadIdx.x; k0 < vend; k0 += kThreads * kInFlight) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const uint32_t k = k0 + u * kThreads;
+      if (k < vend) v[u] = vecs[k];
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const uint32_t k = k0 + u * kThreads;
+      if (k >= vend) break;
+      sum += checksum_term(v[u].x, first + 4 * k) + checksum_term(v[u].y, first + 4 * k + 1) +
+             checksum_term(v[u].z, first + 4 * k + 2) + checksum_term(v[u].w, first + 4 * k + 3);
+    }
+  }
+  const uint32_t tail = max(head, 4 * vend);
+  if (tail + threadIdx.x < end) {
+    sum += checksum_term(words[tail + threadIdx.x], first + tail + threadIdx.x);
+  }
+  return sum;
+}
+
 __device__ uint32_t header_checksum_sum(const PageHeader& h) {
   const uint32_t* w = reinterpret_cast<const uint32_t*>(&h);
   uint32_t sum = 0;
@@ -274,46 +376,207 @@ struct CompressArgs {
   uint32_t page_smem_bytes;
   double eb;
   bool relative;
-  uint8_t mode;
 };
 
-// Quantised value and residual of lane `lane` of block j (docs/format.md).
+// The bound check of docs/format.md in f32, deciding all but genuine ties. eb is an
+// f32 and rounding is monotonic, with e = f32(|x - y|) and d = |x - y| exactly:
+//  * e < eb implies d < eb, so the value passes in binary64 too (e == 0 only when
+//    x == y, which passes eb == 0).
+//  * e > eb (also e = Inf) implies f64(d) > eb: were f64(d) <= eb < d, f64(d) would be
+//    eb and d within half a binary64 ulp above eb, so e would round to eb. A NaN y,
+//    |p| > 2^22 or a NaN p fail exactly as in binary64. Such a value is certainly bad:
+//    the page goes RAW with no second look.
+//  * e == eb (eb > 0) is a tie that binary64 decides either way: the page goes through
+//    verify_exact. `tie_at` is eb, or NaN (equal to nothing) when eb is 0, where
+//    e == 0 passes and anything else fails.
+__device__ __forceinline__ float tie_limit(float eb) {
+  return eb == 0.0f ? __int_as_float(0x7FC00000) : eb;
+}
+
+// Quantised value and residual of one lane (zero for padding), and its bound check:
+// `bad` certainly fails, `tie` needs verify_exact. Residuals are unsigned so that a
+// page about to go RAW, whose q may be saturated garbage, never overflows a signed int.
 struct LaneCode {
   int32_t q;
-  int32_t d;
+  uint32_t d;
   bool bad;
+  bool tie;
 };
 
-template <uint8_t Code>
-__device__ LaneCode code_lane(const typename CudaType<Code>::type* page, uint32_t j, int lane,
-                              uint32_t n, const PageGeometry& g, uint8_t mode,
-                              const PageQuant& pq) {
+// Codes the values of one warp's blocks; the per-page and per-lane constants.
+template <uint8_t Code, uint8_t Mode>
+struct BlockCoder {
   using C = CudaType<Code>;
-  const uint32_t s = j * kBlockValues + lane;
-  const bool valid = s < n;
-  LaneCode c{0, 0, false};
-  if (valid) {
+  const typename C::type* page;
+  PageQuant pq;
+  float tie_at;       // see tie_limit
+  uint32_t not_first;  // all ones except in lane 0
+  uint32_t lane_end;   // blocks from here on are padding in this lane
+
+  // Lane's value of block j, at shared-memory index `index` (docs/format.md,
+  // "Quantisation and verification" and "Residuals").
+  __device__ __forceinline__ LaneCode code(uint32_t index, uint32_t j) const {
+    const bool valid = j < lane_end;
+    const float x = valid ? C::to_f32(page[index]) : 0.0f;
+    const float p = mul_rn(x, pq.inv);
+    const int32_t q = __float2int_rn(p);
+    const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(q), pq.step)));
+    const float e = fabsf(__fsub_rn(x, y));
+    const bool ok = (fabsf(p) <= kMaxQuant) & (e <= pq.eb);
+    const uint32_t u = static_cast<uint32_t>(q);
+    uint32_t d = u;
+    if constexpr (Mode != kFixed) {
+      const uint32_t prev = __shfl_up_sync(kFull, u, 1);
+      d = Mode == kPlain ? u - (prev & not_first) : (u - prev) & not_first;
+    }
+    return LaneCode{q, valid ? d : 0u, valid && !ok, valid && e == tie_at};
+  }
+};
+
+template <uint8_t Code, uint8_t Mode>
+__device__ __forceinline__ BlockCoder<Code, Mode> block_coder(
+    const typename CudaType<Code>::type* page, const PageQuant& pq, uint32_t n,
+    uint32_t num_blocks, int lane) {
+  const uint32_t last_lanes = n - (num_blocks - 1) * kBlockValues;
+  return BlockCoder<Code, Mode>{page, pq, tie_limit(pq.eb), lane > 0 ? kFull : 0u,
+                                static_cast<uint32_t>(lane) < last_lanes ? num_blocks
+                                                                        : num_blocks - 1};
+}
+
+__device__ __forceinline__ uint32_t magnitude(uint32_t d) {
+  return static_cast<int32_t>(d) < 0 ? 0u - d : d;
+}
+
+// The bound check of docs/format.md exactly as written, for pages with a tie (see
+// tie_limit) and no certainly bad value; true (for every thread) if some value fails it.
+template <uint8_t Code>
+__device__ bool verify_exact(const typename CudaType<Code>::type* page, uint32_t n,
+                             const PageGeometry& g, const PageQuant& pq) {
+  using C = CudaType<Code>;
+  bool bad = false;
+  for (uint32_t s = threadIdx.x; s < n; s += kThreads) {
     const float x = C::to_f32(page[staged_index(g, s)]);
     const float p = mul_rn(x, pq.inv);
     if (!(fabsf(p) <= kMaxQuant)) {
-      c.bad = true;
+      bad = true;
     } else {
-      c.q = __float2int_rn(p);
-      const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(c.q), pq.step)));
-      c.bad = !(fabs(static_cast<double>(x) - static_cast<double>(y)) <= static_cast<double>(pq.eb));
+      const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(__float2int_rn(p)), pq.step)));
+      bad |= !(fabs(static_cast<double>(x) - static_cast<double>(y)) <= static_cast<double>(pq.eb));
     }
   }
-  const int32_t prev = __shfl_up_sync(kFull, c.q, 1);
-  if (!valid) {
-    c.d = 0;
-  } else if (mode == kFixed) {
-    c.d = c.q;
-  } else if (lane == 0) {
-    c.d = mode == kOutlier ? 0 : c.q;
-  } else {
-    c.d = c.q - prev;
+  return __syncthreads_or(bad);
+}
+
+// Each warp codes one contiguous run of blocks [x, y), so it keeps its own running
+// offsets in the planes and outlier sections and needs no per-block scan.
+__device__ __forceinline__ uint2 warp_blocks(uint32_t num_blocks, int warp) {
+  return make_uint2(warp * num_blocks / kWarps, (warp + 1) * num_blocks / kWarps);
+}
+
+// Pass 1 over a warp's run: each block's width byte, and the run's plane words (x)
+// and outlier bytes (y). `check` collects the lane's bound checks: bit 0 a value
+// certainly bad, bit 1 a tie for verify_exact.
+template <uint8_t Code, uint8_t Mode>
+__device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
+                                             const PageGeometry& g, uint2 run, uint8_t* widths,
+                                             uint32_t* check) {
+  const int lane = threadIdx.x & 31;
+  uint2 sizes = make_uint2(0, 0);
+  bool bad = false, tie = false;
+  StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
+  for (uint32_t j = run.x; j < run.y; ++j, cur.advance()) {
+    const LaneCode c = coder.code(cur.index, j);
+    bad |= c.bad;
+    tie |= c.tie;
+    const int f = bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
+    int k = 0;
+    if constexpr (Mode == kOutlier) k = byte_length(zigzag(__shfl_sync(kFull, c.q, 0)));
+    if (lane == 0) widths[j] = static_cast<uint8_t>(f | (k << 5));
+    sizes.x += block_words(f);
+    sizes.y += k;
   }
-  return c;
+  *check = static_cast<uint32_t>(bad) | static_cast<uint32_t>(tie) << 1;
+  return sizes;
+}
+
+// Transposes the 32 x 32 bit matrix held by a warp, lane i holding row i: on return
+// lane j holds column j, whose bit i is bit j of lane i's word. Five butterfly rounds,
+// each swapping the off-diagonal k x k blocks between lanes k apart, cost the same
+// for every width; one ballot per bit plane costs about six instructions a plane.
+// The lane's masks and rotations are made once, outside the block loops.
+struct BitTranspose {
+  uint32_t keep[5];  // columns a lane keeps in round r
+  uint32_t rot[5];   // left rotation that brings the partner's columns into place
+
+  __device__ __forceinline__ uint32_t operator()(uint32_t x) const {
+#pragma unroll
+    for (int r = 0; r < 5; ++r) {
+      const uint32_t y = __shfl_xor_sync(kFull, x, 16 >> r);
+      const uint32_t moved = __funnelshift_l(y, y, rot[r]);
+      x = (x & keep[r]) | (moved & ~keep[r]);
+    }
+    return x;
+  }
+};
+
+// Round r pairs lanes k = 16 >> r apart. Lanes without bit k keep the columns
+// without it and take the partner's other columns, k places up; lanes with bit k
+// the other way round. The bits a rotation wraps round land in columns kept.
+__device__ __forceinline__ BitTranspose bit_transpose() {
+  const int lane = threadIdx.x & 31;
+  constexpr uint32_t kLow[5] = {0x0000FFFFu, 0x00FF00FFu, 0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
+  BitTranspose t;
+#pragma unroll
+  for (int r = 0; r < 5; ++r) {
+    const int k = 16 >> r;
+    const bool upper = lane & k;
+    t.keep[r] = upper ? ~kLow[r] : kLow[r];
+    // Opaque to the compiler, which would otherwise fold the mask back into kLow and
+    // spend three logic operations a round where one select of x and moved will do.
+    asm("" : "+r"(t.keep[r]));
+    t.rot[r] = upper ? 32 - k : k;
+  }
+  return t;
+}
+
+// Writes one block's f + 1 plane words from `at` on: lane 0 the sign word, lane b + 1
+// the word of magnitude bit b.
+__device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint32_t d, int f,
+                                             const BitTranspose& transpose) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t sign = __ballot_sync(kFull, static_cast<int32_t>(d) < 0);
+  const uint32_t plane = __shfl_up_sync(kFull, transpose(magnitude(d)), 1);
+  if (lane <= f) planes[at + lane] = lane == 0 ? sign : plane;
+}
+
+// Pass 2 over a warp's run: its outlier bytes into `stage` and its plane words into
+// `planes`, from the run's offsets `at` in each.
+template <uint8_t Code, uint8_t Mode>
+__device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder,
+                                             const PageGeometry& g, uint2 run,
+                                             const uint8_t* widths, uint2 at, uint32_t* planes,
+                                             uint8_t* stage) {
+  const int lane = threadIdx.x & 31;
+  const BitTranspose transpose = bit_transpose();
+  StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
+  for (uint32_t j = run.x; j < run.y; ++j, cur.advance()) {
+    const uint8_t wb = widths[j];
+    if (wb == 0) continue;
+    const LaneCode c = coder.code(cur.index, j);
+    if constexpr (Mode == kOutlier) {
+      const int k = wb >> 5;
+      if (lane == 0) {
+        const uint32_t z = zigzag(c.q);
+        for (int b = 0; b < k; ++b) stage[at.y + b] = static_cast<uint8_t>(z >> (8 * b));
+      }
+      at.y += k;
+    }
+    const int f = wb & 31;
+    if (f > 0) {
+      write_planes(planes, at.x, c.d, f, transpose);
+      at.x += block_words(f);
+    }
+  }
 }
 
 __device__ void publish(unsigned long long* flag, unsigned long long v) {
@@ -341,13 +604,14 @@ __device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t 
   return exclusive;
 }
 
-template <uint8_t Code>
+template <uint8_t Code, uint8_t Mode>
 __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint32_t scratch[kWarps];
-  __shared__ uint2 scan_scratch[kWarps];
+  __shared__ uint2 warp_sizes[kWarps];  // plane words and outlier bytes of each warp's blocks
+  __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_blocks)
   __shared__ uint32_t page_index;
   __shared__ PageQuant pq_s;
   __shared__ uint64_t offset_s;
@@ -358,9 +622,6 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   const PageGeometry g = a.geometry;
   T* page = reinterpret_cast<T*>(smem);
   uint8_t* widths = smem + L.widths_at();
-  uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
-  uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
-  uint32_t* zig = reinterpret_cast<uint32_t*>(smem + L.zig_at());
   uint8_t* stage = smem + L.stage_at();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint32_t B = L.num_blocks, page_bytes = a.n * sizeof(T);
@@ -440,26 +701,35 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   __syncthreads();
   const PageQuant pq = pq_s;
 
-  // Pass 1: widths, outliers and the bound check of every value.
-  bool bad = pq.raw_reason != 0;
-  if (!bad) {
-    for (uint32_t j = warp; j < B; j += kWarps) {
-      const LaneCode c = code_lane<Code>(page, j, lane, a.n, g, a.mode, pq);
-      bad |= c.bad;
-      const int f = bit_length(__reduce_or_sync(kFull, static_cast<uint32_t>(abs(c.d))));
-      if (lane == 0) {
-        const uint32_t z = a.mode == kOutlier ? zigzag(c.q) : 0u;
-        const int k = byte_length(z);
-        widths[j] = static_cast<uint8_t>(f | (k << 5));
-        words[j] = block_words(f);
-        outl[j] = k;
-        zig[j] = z;
-      }
-    }
+  // Pass 1: widths, section sizes and the bound check of every value.
+  const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(page, pq, a.n, B, lane);
+  const uint2 run = warp_blocks(B, warp);
+  uint32_t check = 0;
+  uint2 sizes = make_uint2(0, 0);
+  if (pq.raw_reason == 0) sizes = size_blocks(coder, g, run, widths, &check);
+  check = __reduce_or_sync(kFull, check);
+  if (lane == 0) {
+    warp_sizes[warp] = sizes;
+    warp_check[warp] = check;
   }
-  bad = __syncthreads_or(bad);
-  uint2 totals = make_uint2(0, 0);
-  if (!bad) totals = block_exclusive_scan(words, outl, B, scan_scratch);
+  __syncthreads();
+  // This warp's offsets in the planes and outlier sections, the section totals and
+  // the page's bound checks.
+  uint2 base = make_uint2(0, 0), totals = make_uint2(0, 0);
+  check = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    const uint2 v = warp_sizes[w];
+    if (w < warp) {
+      base.x += v.x;
+      base.y += v.y;
+    }
+    totals.x += v.x;
+    totals.y += v.y;
+    check |= warp_check[w];
+  }
+  // A certainly bad value sends the page RAW at once; only ties (check == 2, the same
+  // in every thread) need the whole page checked again in binary64.
+  const bool bad = (check & 1u) != 0 || (check != 0 && verify_exact<Code>(page, a.n, g, pq));
 
   if (threadIdx.x == 0) {
     uint8_t reason = pq.raw_reason;
@@ -492,42 +762,26 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   if (reason != 0) {
     // A padded page is not contiguous in shared memory; its source is (aligned).
     const uint8_t* raw = g.padded ? src : smem;
-    copy_words(payload, raw, payload_len);
-    sum = checksum_words(raw, payload_len, kHeaderChecksumWords);
+    sum = copy_checksum_words(payload, raw, payload_len, kHeaderChecksumWords);
   } else {
     const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
+    // Padding bytes only: the blocks' bytes are written by pass 1 and below.
     for (uint32_t i = B + threadIdx.x; i < width_bytes; i += kThreads) widths[i] = 0;
-    for (uint32_t i = threadIdx.x; i < outlier_bytes; i += kThreads) stage[i] = 0;
-    __syncthreads();
-    for (uint32_t j = threadIdx.x; j < B && outlier_bytes > 0; j += kThreads) {
-      const uint32_t z = zig[j];
-      for (int b = 0; b < byte_length(z); ++b) stage[outl[j] + b] = static_cast<uint8_t>(z >> (8 * b));
-    }
-    __syncthreads();
-    copy_words(payload, widths, width_bytes);
-    sum = checksum_words(widths, width_bytes, kHeaderChecksumWords);
-    copy_words(payload + width_bytes, stage, outlier_bytes);
-    sum += checksum_words(stage, outlier_bytes, kHeaderChecksumWords + width_bytes / 4);
-
+    for (uint32_t i = totals.y + threadIdx.x; i < outlier_bytes; i += kThreads) stage[i] = 0;
     const uint32_t plane_word0 = (width_bytes + outlier_bytes) / 4;
-    uint32_t* planes = reinterpret_cast<uint32_t*>(payload) + plane_word0;
-    for (uint32_t j = warp; j < B; j += kWarps) {
-      const int f = widths[j] & 31;
-      if (f == 0) continue;
-      const LaneCode c = code_lane<Code>(page, j, lane, a.n, g, a.mode, pq);
-      const uint32_t mag = static_cast<uint32_t>(abs(c.d));
-      // Lane 0 keeps the sign word, lane b + 1 the word of bit b.
-      uint32_t mine = __ballot_sync(kFull, c.d < 0);
-      for (int b = 0; b < f; ++b) {
-        const uint32_t plane = __ballot_sync(kFull, (mag >> b) & 1u);
-        if (lane == b + 1) mine = plane;
-      }
-      if (lane <= f) {
-        const uint32_t at = words[j] + lane;
-        planes[at] = mine;
-        sum += checksum_term(mine, kHeaderChecksumWords + plane_word0 + at);
-      }
-    }
+    write_blocks(coder, g, run, widths, base, reinterpret_cast<uint32_t*>(payload) + plane_word0,
+                 stage);
+    __syncthreads();
+    // The widths and outlier sections are hashed as they are copied out of shared
+    // memory, the plane words in one pass over the payload as written (the barrier
+    // above makes them visible): hashing them in the block loop would cost the warp
+    // a whole hash per block with only the f + 1 lanes holding a word busy, where
+    // this pass hashes 32 words with the same instructions.
+    sum = copy_checksum_words(payload, widths, width_bytes, kHeaderChecksumWords);
+    sum += copy_checksum_words(payload + width_bytes, stage, outlier_bytes,
+                               kHeaderChecksumWords + width_bytes / 4);
+    sum += checksum_range(reinterpret_cast<const uint32_t*>(payload), plane_word0,
+                          payload_len / 4, kHeaderChecksumWords);
   }
   const uint32_t record_end = round_up(kHeaderBytes + payload_len, kRecordAlign);
   for (uint32_t i = kHeaderBytes + payload_len + 4 * threadIdx.x; i < record_end; i += 4 * kThreads) {
@@ -539,7 +793,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
       PageHeader h;
       uint4 v[2];
     } header;
-    header.h = make_header(Code, a.mode, a.relative, a.n, a.rows, pq, reason, payload_len);
+    header.h = make_header(Code, Mode, a.relative, a.n, a.rows, pq, reason, payload_len);
     header.h.checksum = checksum_finish(sum + header_checksum_sum(header.h), payload_len);
     reinterpret_cast<uint4*>(rec)[0] = header.v[0];
     reinterpret_cast<uint4*>(rec)[1] = header.v[1];
@@ -677,11 +931,15 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
   const uint8_t* outliers = payload + round_up(B, 4);
   const uint32_t* planes = reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4));
   const PageGeometry g = geometry_s;
-  for (uint32_t j = warp; j < B; j += kWarps) {
+  const BitTranspose transpose = bit_transpose();
+  StreamCursor cur = stream_cursor(g, warp * kBlockValues + lane, kThreads);
+  for (uint32_t j = warp; j < B; j += kWarps, cur.advance()) {
     const int f = widths[j] & 31;
     const uint32_t w = (f > 0 && lane <= f) ? planes[words[j] + lane] : 0u;
-    uint32_t mag = 0;
-    for (int b = 0; b < f; ++b) mag |= ((__shfl_sync(kFull, w, b + 1) >> lane) & 1u) << b;
+    // Lane b + 1 holds the word of magnitude bit b: moved down to lane b, the
+    // transpose gives every lane its own magnitude.
+    const uint32_t planes_down = __shfl_down_sync(kFull, w, 1);
+    const uint32_t mag = f > 0 ? transpose(lane < f ? planes_down : 0u) : 0u;
     // Unsigned arithmetic: a forged stream with a valid checksum may overflow, never UB.
     uint32_t q = ((__shfl_sync(kFull, w, 0) >> lane) & 1u) ? 0u - mag : mag;
     if (h.mode == kOutlier && lane == 0) {
@@ -695,10 +953,8 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
         if (lane >= o) q += up;
       }
     }
-    const uint32_t s = j * kBlockValues + lane;
-    if (s < a.n) {
-      page[staged_index(g, s)] =
-          C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q)), h.step));
+    if (j * kBlockValues + lane < a.n) {
+      page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q)), h.step));
     }
   }
   __syncthreads();
@@ -737,6 +993,22 @@ void prepare_shared_memory(Kernel kernel, uint32_t bytes, uint32_t limit, uint32
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// Calls f with std::integral_constant<uint8_t, mode>: compress_kernel is built per
+// mode so that its per-value code has no mode branches. The op checked the mode.
+template <typename F>
+void dispatch_mode(int64_t mode, F&& f) {
+  switch (mode) {
+    case kFixed:
+      f(std::integral_constant<uint8_t, kFixed>{});
+      break;
+    case kPlain:
+      f(std::integral_constant<uint8_t, kPlain>{});
+      break;
+    default:
+      f(std::integral_constant<uint8_t, kOutlier>{});
+  }
+}
+
 }  // namespace
 
 void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb, bool relative,
@@ -761,23 +1033,26 @@ void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb
   args.rows = static_cast<uint32_t>(rows);
   args.eb = eb;
   args.relative = relative;
-  args.mode = static_cast<uint8_t>(mode);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kv_dtype(src.scalar_type(), [&](auto tag) {
     constexpr uint8_t code = decltype(tag)::value;
     const int elem = sizeof(typename CudaType<code>::type);
-    args.geometry = page_geometry(n, args.rows, elem, aligned);
-    args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
-    const uint32_t limit = dynamic_shared_memory_limit(compress_kernel<code>);
-    if (shared_layout(args.page_smem_bytes, n).total() > limit) {
-      // No room for the padding: bank conflicts are slower, not wrong.
-      args.geometry = page_geometry(n, args.rows, elem, false);
+    dispatch_mode(mode, [&](auto mode_tag) {
+      constexpr uint8_t m = decltype(mode_tag)::value;
+      const auto kernel = compress_kernel<code, m>;
+      args.geometry = page_geometry(n, args.rows, elem, aligned);
       args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
-    }
-    const uint32_t smem = shared_layout(args.page_smem_bytes, n).total();
-    prepare_shared_memory(compress_kernel<code>, smem, limit, n, elem);
-    compress_kernel<code><<<static_cast<unsigned>(num), kThreads, smem, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const uint32_t limit = dynamic_shared_memory_limit(kernel);
+      if (shared_layout(args.page_smem_bytes, n).compress_total(m == kOutlier) > limit) {
+        // No room for the padding: bank conflicts are slower, not wrong.
+        args.geometry = page_geometry(n, args.rows, elem, false);
+        args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
+      }
+      const uint32_t smem = shared_layout(args.page_smem_bytes, n).compress_total(m == kOutlier);
+      prepare_shared_memory(kernel, smem, limit, n, elem);
+      kernel<<<static_cast<unsigned>(num), kThreads, smem, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -803,11 +1078,11 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
     const int elem = sizeof(typename CudaType<code>::type);
     args.page_smem_bytes = max_staged_page_bytes(n, elem);
     const uint32_t limit = dynamic_shared_memory_limit(decompress_kernel<code>);
-    if (shared_layout(args.page_smem_bytes, n).total() > limit) {
+    if (shared_layout(args.page_smem_bytes, n).decompress_total() > limit) {
       args.allow_padding = false;
       args.page_smem_bytes = round_up(n * elem, 16);
     }
-    const uint32_t smem = shared_layout(args.page_smem_bytes, n).total();
+    const uint32_t smem = shared_layout(args.page_smem_bytes, n).decompress_total();
     prepare_shared_memory(decompress_kernel<code>, smem, limit, n, elem);
     decompress_kernel<code><<<static_cast<unsigned>(dst_page_ids.numel()), kThreads, smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
