@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vllm.logger import init_logger
+from vllm_kvcompress.logger import init_logger
 from vllm_kvcompress.offload.config import (
     DEFAULT_ERROR_BOUND,
     DEFAULT_MODE,

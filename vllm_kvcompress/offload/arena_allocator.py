@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vllm.logger import init_logger
+from vllm_kvcompress.logger import init_logger
 
 logger = init_logger(__name__)
 

@@ -21,9 +21,8 @@ from collections import OrderedDict
 from collections.abc import Container, Hashable, Iterator
 from typing import NamedTuple, Self
 
+from vllm_kvcompress.logger import init_logger
 from vllm_kvcompress.offload.arena_allocator import ArenaAllocator
-
-from vllm.logger import init_logger
 
 logger = init_logger(__name__)
 

@@ -34,10 +34,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading.worker import (
 from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
     OffloadingConnector,
 )
-from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.kv_offload.factory import OffloadingSpecFactory
 from vllm.v1.outputs import KVConnectorOutput
+from vllm_kvcompress.logger import init_logger
 from vllm_kvcompress.offload.manager import BlockStoreReport, CompressedCPUOffloadingManager
 from vllm_kvcompress.offload.spec import CompressedCPUOffloadingSpec, KVGeometry
 

@@ -28,7 +28,6 @@ from vllm.distributed.kv_events import MEDIUM_CPU
 from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
     OffloadingConnectorStats,
 )
-from vllm.logger import init_logger
 from vllm.v1.kv_offload.base import (
     LoadStoreSpec,
     LookupResult,
@@ -39,6 +38,7 @@ from vllm.v1.kv_offload.base import (
     ReqContext,
     RequestOffloadingContext,
 )
+from vllm_kvcompress.logger import init_logger
 from vllm_kvcompress.offload.arena_allocator import ArenaAllocator
 from vllm_kvcompress.offload.block_table import BlockRecord, BlockTable
 from vllm_kvcompress.offload.config import CompressionConfig

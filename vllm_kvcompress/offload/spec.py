@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig
 from vllm.v1.kv_offload.base import (
     CanonicalKVCaches,
@@ -21,6 +20,7 @@ from vllm.v1.kv_offload.base import (
     OffloadingWorker,
 )
 from vllm.v1.kv_offload.config import OffloadingConfig
+from vllm_kvcompress.logger import init_logger
 from vllm_kvcompress.offload.config import CompressionConfig
 from vllm_kvcompress.offload.manager import CompressedCPUOffloadingManager
 from vllm_kvcompress.offload.metrics import metric_definitions

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm.logger import init_logger
 from vllm.v1.kv_offload.base import (
     CanonicalKVCaches,
     GPULoadStoreSpec,
@@ -48,6 +47,7 @@ from vllm_kvcompress.codec import (
     DecodeStatus,
     record_bound,
 )
+from vllm_kvcompress.logger import init_logger
 from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
 
 logger = init_logger(__name__)
