@@ -20,10 +20,16 @@ the *contention* a store causes: a stand-in for the next prompt's prefill (a run
 bf16 GEMMs, ``--gemms`` of ``--gemm-size``) alone, while the compressed store runs
 on its side stream, and while the same prompt's raw bytes go to pinned memory by DMA
 (what vLLM's native offloading does); the differences are what a cold prefill pays
-for the store on the GPU. ``--profile`` adds a torch profiler table of the store
-and load, and a Python profile of one store's and one load's submit (where the
-host time that the engine's step waits for goes). Runs on CPU tensors too
-(slowly, synchronously), which is how CI smoke-tests it. JSON out::
+for the store on the GPU. Each store measurement runs once per ``--store-copies``
+way of writing a chunk's records into the arena: ``dma`` (arena-shaped staging
+slots, then the copy engines, the worker's default) and ``kernel`` (the
+segment-copy kernel straight into the arena). The prompt's blocks get one run of
+adjacent reservations, each sized as the scheduler sizes them once it has seen a
+store (the largest block plus its margin), so the copy engines copy what they would
+in a server. ``--profile`` adds a torch profiler table of the store and load, and a
+Python profile of one store's and one load's submit (where the host time that the
+engine's step waits for goes). Runs on CPU tensors too (slowly, synchronously),
+which is how CI smoke-tests it. JSON out::
 
     python benchmarks/benchmark_worker.py --out results/worker
 """
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import pstats
 import statistics
@@ -52,9 +59,12 @@ from vllm.v1.kv_offload.base import (
 from vllm_kvcompress.codec import CodecConfig, CodecMode
 from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND, DEFAULT_MODE, MODE_NAMES
 from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
-from vllm_kvcompress.offload.worker import CompressedOffloadingWorker
+from vllm_kvcompress.offload.reservation import ReservationSize
+from vllm_kvcompress.offload.worker import MAX_DMA_RUNS, CompressedOffloadingWorker
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# How a store chunk reaches the arena: the worker's run threshold for each way.
+STORE_COPIES = {"dma": MAX_DMA_RUNS, "kernel": 0}
 
 
 def kv_values(shape: tuple[int, ...], token_dim: int, device: torch.device,
@@ -140,10 +150,10 @@ def raw_copies(caches: CanonicalKVCaches, blocks: np.ndarray, sync) -> dict[str,
 
 
 def contention(worker: CompressedOffloadingWorker, store, caches: CanonicalKVCaches,
-               blocks: np.ndarray, args: argparse.Namespace, sync) -> dict[str, float]:
-    """GEMM time alone, with a compressed store and with a raw DMA copy of the same
-    prompt running beside it (medians of ``--repeats``), and the store's own GPU
-    time while the GEMMs run."""
+               blocks: np.ndarray, args: argparse.Namespace, sync) -> dict[str, Any]:
+    """GEMM time alone, with a compressed store (each ``--store-copies`` way) and
+    with a raw DMA copy of the same prompt running beside it (medians of
+    ``--repeats``), and the store's own GPU time while the GEMMs run."""
     device = caches.tensors[0].tensor.device
     a = torch.randn(args.gemm_size, args.gemm_size, device=device).to(torch.bfloat16)
     b = torch.randn_like(a)
@@ -166,28 +176,36 @@ def contention(worker: CompressedOffloadingWorker, store, caches: CanonicalKVCac
             pinned.copy_(flat)
         return gemms()
 
-    samples: dict[str, list[float]] = {"alone": [], "with_store": [], "with_raw_dma": [],
-                                       "store_gpu": []}
+    samples: dict[str, list[float]] = {"alone": [], "with_raw_dma": []}
+    per_copy = {way: {"with_store": [], "store_gpu": []} for way in args.store_copies}
+    job_ids = itertools.count(1_000_000)  # after the measurement loop's ids
     gemms()  # the first GEMMs pick their kernels
-    for rep in range(args.repeats):
+    for _ in range(args.repeats):
         sync()
         samples["alone"].append(gemms())
-        sync()
-        assert store(1000 + rep)
-        samples["with_store"].append(gemms())
-        finished = []
-        while not finished:
-            finished = worker.get_finished()
-        samples["store_gpu"].append(1e3 * (finished[0].transfer_time or float("nan")))
-        worker.store_reports.clear()
+        for way, runs in per_copy.items():
+            worker.max_dma_runs = STORE_COPIES[way]
+            sync()
+            assert store(next(job_ids))
+            runs["with_store"].append(gemms())
+            finished = []
+            while not finished:
+                finished = worker.get_finished()
+            runs["store_gpu"].append(1e3 * (finished[0].transfer_time or float("nan")))
+            worker.store_reports.clear()
         sync()
         samples["with_raw_dma"].append(with_dma())
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    return {"gemm_alone_ms": med["alone"], "gemm_with_store_ms": med["with_store"],
-            "gemm_with_raw_dma_ms": med["with_raw_dma"],
-            "store_slowdown_ms": med["with_store"] - med["alone"],
-            "raw_dma_slowdown_ms": med["with_raw_dma"] - med["alone"],
-            "store_gpu_ms_beside_gemms": med["store_gpu"]}
+    worker.max_dma_runs = MAX_DMA_RUNS
+    alone = statistics.median(samples["alone"])
+    raw_dma = statistics.median(samples["with_raw_dma"])
+    by_copy = {}
+    for way, runs in per_copy.items():
+        with_store = statistics.median(runs["with_store"])
+        by_copy[way] = {"gemm_with_store_ms": with_store,
+                        "store_slowdown_ms": with_store - alone,
+                        "store_gpu_ms_beside_gemms": statistics.median(runs["store_gpu"])}
+    return {"gemm_alone_ms": alone, "gemm_with_raw_dma_ms": raw_dma,
+            "raw_dma_slowdown_ms": raw_dma - alone, "by_store_copy": by_copy}
 
 
 def max_error_over_bound(worker: CompressedOffloadingWorker, src: np.ndarray, dst: np.ndarray,
@@ -214,23 +232,38 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     caches, page_elems = build_caches(args, device)
     blocks_per_prompt = args.tokens // args.block_size
     codec = CodecConfig(args.error_bound, True, CodecMode[args.mode.upper()], args.rows)
-    # The worker sizes a block's reservation from the layout it derives, so it is
-    # built first and given an arena of exactly one prompt's reservations after.
+    # The worker sizes a block's worst case from the layout it derives, so it is
+    # built first and given an arena of exactly one prompt's worst cases after.
     worker = CompressedOffloadingWorker(caches, DTYPES[args.dtype], page_elems, codec,
                                         arena_bytes=0)
-    reserve = worker.reserve_bytes(0)
-    worker.arena = torch.empty(reserve * blocks_per_prompt, dtype=torch.uint8,
+    worst_case = worker.reserve_bytes(0)
+    worker.arena = torch.empty(worst_case * blocks_per_prompt, dtype=torch.uint8,
                                pin_memory=device.type == "cuda")
     src = np.arange(blocks_per_prompt)
     dst = src + blocks_per_prompt
-    offsets = [int(i) * reserve for i in range(blocks_per_prompt)]
-    spec = ArenaLoadStoreSpec(offsets, [reserve] * blocks_per_prompt)
+    job_ids = itertools.count()
 
-    def store_job(job_id: int) -> bool:
-        """The prompt's blocks into the arena."""
+    def arena_spec(reserve: int) -> ArenaLoadStoreSpec:
+        """The prompt's blocks in one run of ``reserve``-byte ranges."""
+        return ArenaLoadStoreSpec([int(i) * reserve for i in src], [reserve] * len(src))
+
+    def submit_store(job_id: int, spec: ArenaLoadStoreSpec) -> bool:
         return worker.submit_store(
             job_id, GPULoadStoreSpec(src.tolist(), group_sizes=[len(src)], block_indices=[0]),
             spec)
+
+    # One store at the worst case, as the scheduler's first, to learn the sizes its
+    # later reservations follow.
+    first = next(job_ids)
+    run_job(worker, lambda job_id: submit_store(job_id, arena_spec(worst_case)), first, sync)
+    reservation = ReservationSize(worst_case)
+    reservation.observe(max(r[0] for r in worker.store_reports.pop(first).values()))
+    reserve = reservation.nbytes
+    spec = arena_spec(reserve)
+
+    def store_job(job_id: int) -> bool:
+        """The prompt's blocks into the arena."""
+        return submit_store(job_id, spec)
 
     def load_job(job_id: int) -> bool:
         """The prompt back from the arena, into other GPU blocks."""
@@ -238,25 +271,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             job_id, spec,
             GPULoadStoreSpec(dst.tolist(), group_sizes=[len(dst)], block_indices=[0]))
 
-    samples: dict[str, list[dict[str, float]]] = {"store": [], "load": []}
+    stores: dict[str, list[dict[str, float]]] = {way: [] for way in args.store_copies}
+    loads: list[dict[str, float]] = []
     profiler = None
     for rep in range(args.warmup + args.repeats):
         if args.profile and rep == args.warmup + args.repeats - 1:
             profiler = torch.profiler.profile(record_shapes=False)
             profiler.__enter__()
-        store = run_job(worker, store_job, 2 * rep, sync)
-        worker.store_reports.clear()
-        load = run_job(worker, load_job, 2 * rep + 1, sync)
+        for way, rows in stores.items():
+            worker.max_dma_runs = STORE_COPIES[way]
+            job_id = next(job_ids)
+            store = run_job(worker, store_job, job_id, sync)
+            assert all(r[0] > 0 for r in worker.store_reports.pop(job_id).values()), (
+                "every block must fit its reservation")
+            if rep >= args.warmup:
+                rows.append(store)
+        load = run_job(worker, load_job, next(job_ids), sync)
         assert not worker.failed_load_block_ids, "every block must decode"
         if rep >= args.warmup:
-            samples["store"].append(store)
-            samples["load"].append(load)
+            loads.append(load)
+    worker.max_dma_runs = MAX_DMA_RUNS
     if profiler is not None:
         profiler.__exit__(None, None, None)
     host_profiles = {}
     if args.profile:
-        host_profiles["store"] = host_profile(worker, store_job, 10_000)
-        host_profiles["load"] = host_profile(worker, load_job, 10_001)
+        host_profiles["store"] = host_profile(worker, store_job, next(job_ids))
+        host_profiles["load"] = host_profile(worker, load_job, next(job_ids))
     beside = contention(worker, store_job, caches, src, args, sync)
     worst = max_error_over_bound(worker, src, dst, args.error_bound)
     if worst > 1.0:
@@ -267,12 +307,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "args": {k: str(v) for k, v in vars(args).items()},
         "tensors": len(caches.tensors), "blocks": blocks_per_prompt,
         "raw_prompt_bytes": worker.raw_block_bytes(0) * blocks_per_prompt,
+        "reserved_per_block": reserve, "worst_case_per_block": worst_case,
         "counters": vars(worker.counters),
         "contention": beside,
+        "store": {way: medians(rows) for way, rows in stores.items()},
+        "load": medians(loads),
     }
-    for direction, rows in samples.items():
-        result[direction] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    result["ratio"] = result["raw_prompt_bytes"] / result["store"]["bytes"]
+    result["ratio"] = result["raw_prompt_bytes"] / result["load"]["bytes"]
     result["raw_copy"] = raw_copies(caches, src, sync)
     if profiler is not None:
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
@@ -280,6 +321,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for direction, text in host_profiles.items():
         result[f"submit_{direction}_host_profile"] = text
     return result
+
+
+def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
 def host_profile(worker: CompressedOffloadingWorker, submit, job_id: int) -> str:
@@ -301,10 +346,10 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"{r['device']}: {r['blocks']} blocks x {r['tensors']} tensors, "
           f"{r['raw_prompt_bytes'] / 2**20:.0f} MiB raw, ratio {r['ratio']:.2f}, "
           f"max error {r['max_error_over_bound']:.3f} x bound")
-    print(f"{'':<8}{'submit ms':>10}{'GPU ms':>9}{'wall ms':>9}{'MiB moved':>11}")
-    for direction in ("store", "load"):
-        d = r[direction]
-        print(f"{direction:<8}{d['submit_ms']:>10.2f}{d['gpu_ms']:>9.2f}{d['wall_ms']:>9.2f}"
+    print(f"{'':<14}{'submit ms':>10}{'GPU ms':>9}{'wall ms':>9}{'MiB moved':>11}")
+    rows = {f"store {way}": d for way, d in r["store"].items()} | {"load": r["load"]}
+    for name, d in rows.items():
+        print(f"{name:<14}{d['submit_ms']:>10.2f}{d['gpu_ms']:>9.2f}{d['wall_ms']:>9.2f}"
               f"{d['bytes'] / 2**20:>11.1f}")
     c = r["raw_copy"]
     print(f"raw copy of the prompt: GPU->host {c['d2h_one_copy_ms']:.2f} ms, host->GPU "
@@ -312,9 +357,10 @@ def print_report(r: dict[str, Any]) -> None:
           f"{c['d2h_per_block_ms']:.2f} ms")
     c = r["contention"]
     print(f"GEMMs standing in for a prefill: {c['gemm_alone_ms']:.2f} ms alone, "
-          f"{c['store_slowdown_ms']:+.2f} ms beside the compressed store (which takes "
-          f"{c['store_gpu_ms_beside_gemms']:.2f} ms there), {c['raw_dma_slowdown_ms']:+.2f} ms "
-          f"beside a raw DMA copy of the prompt")
+          f"{c['raw_dma_slowdown_ms']:+.2f} ms beside a raw DMA copy of the prompt")
+    for way, e in c["by_store_copy"].items():
+        print(f"  beside the store by {way}: {e['store_slowdown_ms']:+.2f} ms (the store "
+              f"takes {e['store_gpu_ms_beside_gemms']:.2f} ms GPU there)")
     for key in ("profile", "submit_store_host_profile", "submit_load_host_profile"):
         if key in r:
             print(r[key])
@@ -340,6 +386,9 @@ def main() -> None:
     parser.add_argument("--gemms", type=int, default=250,
                         help="GEMMs of the prefill stand-in (about 50 ms on an H100)")
     parser.add_argument("--gemm-size", type=int, default=4096)
+    parser.add_argument("--store-copies", nargs="+", choices=list(STORE_COPIES),
+                        default=list(STORE_COPIES),
+                        help="ways a store's records reach the arena, each measured")
     parser.add_argument("--profile", action="store_true", help="torch profiler table")
     parser.add_argument("--cpu", action="store_true", help="run on CPU tensors")
     args = parser.parse_args()

@@ -1,6 +1,9 @@
 """The worker's store and load paths on CPU tensors (the same code runs on CUDA
 streams on the GPU host): round trips within the bound, exact raw fallback,
-and damaged blocks reported as load errors instead of being written back."""
+and damaged blocks reported as load errors instead of being written back. Store
+tests run both ways a chunk's records reach the arena: through arena-shaped slots
+and one copy per run of adjacent ranges (``dma``), and the segment-copy kernel
+straight into the arena (``kernel``)."""
 
 import numpy as np
 import pytest
@@ -14,10 +17,16 @@ from vllm.v1.kv_offload.base import (
 )
 from vllm_kvcompress.codec import CodecConfig, CodecMode
 from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
-from vllm_kvcompress.offload.worker import CompressedOffloadingWorker, make_page_layout
+from vllm_kvcompress.offload.worker import (
+    MAX_DMA_RUNS,
+    CompressedOffloadingWorker,
+    _plan_chunk,
+    make_page_layout,
+)
 
 BLOCK, HEADS, DIM, LAYERS, NUM_BLOCKS = 16, 2, 32, 3, 10
 PAGE_ELEMS = BLOCK * HEADS * DIM
+COPIES = ["dma", "kernel"]
 
 
 def make_kv(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -43,9 +52,12 @@ def canonical(caches: list[torch.Tensor]) -> CanonicalKVCaches:
 
 def make_worker(caches: list[torch.Tensor], codec: CodecConfig = CodecConfig(),
                 arena_bytes: int = 1 << 22, staging_bytes: int = 1 << 20,
-                ) -> CompressedOffloadingWorker:
-    return CompressedOffloadingWorker(canonical(caches), caches[0].dtype, PAGE_ELEMS, codec,
-                                      arena_bytes, staging_bytes=staging_bytes)
+                copy: str = "dma") -> CompressedOffloadingWorker:
+    worker = CompressedOffloadingWorker(canonical(caches), caches[0].dtype, PAGE_ELEMS, codec,
+                                        arena_bytes, staging_bytes=staging_bytes)
+    if copy == "kernel":
+        worker.max_dma_runs = 0
+    return worker
 
 
 def store(worker: CompressedOffloadingWorker, job_id: int, blocks: list[int],
@@ -72,12 +84,13 @@ def reserve_offsets(worker: CompressedOffloadingWorker, n: int) -> list[int]:
     return [i * worker.reserve_bytes(0) for i in range(n)]
 
 
+@pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mode", list(CodecMode))
-def test_round_trip_within_bound(dtype: torch.dtype, mode: CodecMode) -> None:
+def test_round_trip_within_bound(dtype: torch.dtype, mode: CodecMode, copy: str) -> None:
     caches = make_kv(dtype)
     original = [c.clone() for c in caches]
-    worker = make_worker(caches, CodecConfig(1e-2, True, mode))
+    worker = make_worker(caches, CodecConfig(1e-2, True, mode), copy=copy)
     offsets = reserve_offsets(worker, 3)
     reports = store(worker, 0, [1, 4, 7], offsets)
     raw = sum(c[0].numel() * c.element_size() for c in caches)
@@ -102,10 +115,11 @@ def test_one_page_per_layer_k_and_v() -> None:
     assert worker.layouts[0].pages.shape == (NUM_BLOCKS * 2, PAGE_ELEMS)
 
 
-def test_large_jobs_run_in_chunks_through_small_staging() -> None:
+@pytest.mark.parametrize("copy", COPIES)
+def test_large_jobs_run_in_chunks_through_small_staging(copy: str) -> None:
     caches = make_kv(torch.float16)
     original = [c.clone() for c in caches]
-    worker = make_worker(caches, staging_bytes=worker_block_bytes(caches))
+    worker = make_worker(caches, staging_bytes=worker_block_bytes(caches), copy=copy)
     blocks = list(range(NUM_BLOCKS))
     offsets = reserve_offsets(worker, NUM_BLOCKS)
     store(worker, 0, blocks, offsets)
@@ -124,7 +138,7 @@ def test_staging_is_taken_at_start_and_reused() -> None:
     worker = make_worker(caches, staging_bytes=3 * worst + worst // 2)
     buffers = {store: (buf.data_ptr(), buf.numel())
                for store, buf in worker._staging_buffers.items()}
-    assert buffers[True][1] == 3 * worst
+    assert buffers[True][1] == 2 * 3 * worst, "3 blocks' records, and their slots"
     assert buffers[False][1] == 4 * worst + worst // 2, "staging_bytes and one block"
     offsets = reserve_offsets(worker, NUM_BLOCKS)
     store(worker, 0, list(range(NUM_BLOCKS)), offsets)
@@ -310,9 +324,10 @@ def test_page_layout_falls_back_to_whole_blocks_when_rows_are_padded() -> None:
     assert layout.raw_stride == 3 * PAGE_ELEMS * 2
 
 
-def test_store_reports_bytes_written_equal_to_records() -> None:
+@pytest.mark.parametrize("copy", COPIES)
+def test_store_reports_bytes_written_equal_to_records(copy: str) -> None:
     caches = make_kv(torch.float32)
-    worker = make_worker(caches)
+    worker = make_worker(caches, copy=copy)
     offsets = reserve_offsets(worker, 2)
     reports = store(worker, 0, [0, 1], offsets)
     for offset in offsets:
@@ -320,12 +335,13 @@ def test_store_reports_bytes_written_equal_to_records() -> None:
         assert reports[offset][0] % 16 == 0
 
 
-def test_store_report_checksum_sums_the_record_headers_in_the_arena() -> None:
+@pytest.mark.parametrize("copy", COPIES)
+def test_store_report_checksum_sums_the_record_headers_in_the_arena(copy: str) -> None:
     """The block table keeps, per block, the sum of its records' checksums; walk
     the records by their headers (docs/format.md) to recompute it."""
     caches = make_kv(torch.bfloat16)
     caches[0][5, 1, 0, 0, 0] = float("inf")  # one raw record among compressed ones
-    worker = make_worker(caches)
+    worker = make_worker(caches, copy=copy)
     offsets = reserve_offsets(worker, 2)
     reports = store(worker, 0, [5, 8], offsets)
     arena = worker.arena.numpy()
@@ -358,13 +374,15 @@ def test_load_of_known_and_unknown_blocks_restores_the_known_ones() -> None:
         assert (c[6] == 0).all()
 
 
+@pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
-def test_block_larger_than_its_reservation_is_not_written(dtype: torch.dtype) -> None:
+def test_block_larger_than_its_reservation_is_not_written(dtype: torch.dtype,
+                                                          copy: str) -> None:
     """The scheduler reserves a predicted size; a block that compresses (or, raw,
     copies) to more must not write past its reservation, must not be recorded, and
     must report what it needed."""
     caches = make_kv(dtype)
-    worker = make_worker(caches)
+    worker = make_worker(caches, copy=copy)
     fits = store(worker, 0, [4], reserve_offsets(worker, 1))
     needed = next(iter(fits.values()))[0]
     worker.arena.fill_(0xA5)
@@ -383,3 +401,128 @@ def test_block_larger_than_its_reservation_is_not_written(dtype: torch.dtype) ->
     assert worker.submit_store(3, src, dst)
     worker.get_finished()
     assert (worker.arena[needed - 16:2 * needed] == 0xA5).all(), "nothing past a reservation"
+
+
+def copies_into_arena(monkeypatch: pytest.MonkeyPatch,
+                      worker: CompressedOffloadingWorker) -> list[bool]:
+    """Records, per segment-copy launch, whether it writes the arena itself (the
+    kernel path) rather than staging slots (the copy-engine path)."""
+    from vllm_kvcompress.offload import worker as worker_module
+
+    into_arena: list[bool] = []
+    op = worker_module.ops.copy_segments
+
+    def call(src, src_offsets, dst, *rest) -> None:
+        into_arena.append(dst.data_ptr() == worker.arena.data_ptr())
+        op(src, src_offsets, dst, *rest)
+
+    monkeypatch.setattr(worker_module.ops, "copy_segments", call)
+    return into_arena
+
+
+def store_ranges(worker: CompressedOffloadingWorker, job_id: int, blocks: list[int],
+                 offsets: list[int], reserved: list[int]) -> dict[int, tuple[int, int, int]]:
+    src = GPULoadStoreSpec(blocks, group_sizes=[len(blocks)], block_indices=[0])
+    assert worker.submit_store(job_id, src, ArenaLoadStoreSpec(offsets, reserved))
+    worker.get_finished()
+    return worker.store_reports.pop(job_id)
+
+
+def outside_ranges(worker: CompressedOffloadingWorker, offsets: list[int],
+                   reserved: list[int]) -> torch.Tensor:
+    """The arena bytes that no reservation covers."""
+    mask = torch.ones(worker.arena.numel(), dtype=torch.bool)
+    for offset, nbytes in zip(offsets, reserved):
+        mask[max(offset, 0):max(offset + nbytes, 0)] = False
+    return worker.arena[mask]
+
+
+def test_plan_lays_runs_of_adjacent_ranges_back_to_back() -> None:
+    offsets = np.array([100, 116, 148, 0, 16, 400, 500, 164])
+    reserved = np.array([16, 32, 16, 16, 32, 64, 16, 16])
+    inside = np.array([True, True, True, True, True, True, False, True])
+    plan = _plan_chunk(offsets, reserved, inside, region=1024, max_runs=8)
+    # runs: blocks 0-2 at 100 (64 bytes), 3-4 at 0 (48), 5 at 400 (64); block 6 is
+    # outside the arena (no slot, not written); block 7 follows 6 only in the spec
+    assert plan.runs == [(100, 0, 64), (0, 64, 48), (400, 112, 64), (164, 176, 16)]
+    assert plan.dst.tolist() == [0, 16, 48, 64, 80, 112, -1, 176]
+    kernel = _plan_chunk(offsets, reserved, inside, region=1024, max_runs=3)
+    assert kernel.runs is None and kernel.dst.tolist() == [*offsets[:6], -1, 164]
+    assert _plan_chunk(offsets, reserved, inside, region=191, max_runs=8).runs is None
+
+
+@pytest.mark.parametrize("copy", COPIES)
+def test_store_into_split_runs_round_trips_and_writes_only_reservations(
+        monkeypatch: pytest.MonkeyPatch, copy: str) -> None:
+    """After eviction a store's ranges are several runs, some adjacent, some not,
+    not in the blocks' order. Every block comes back, and no byte outside the
+    reservations changes, although the copy engines copy whole reservations."""
+    caches = make_kv(torch.bfloat16)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches, copy=copy)
+    # the sizes the scheduler learns from a first store, as its reservations follow
+    needed = [r[0] for r in store(worker, 0, list(range(NUM_BLOCKS)),
+                                  reserve_offsets(worker, NUM_BLOCKS)).values()]
+    reserved = [n + 16 * (i % 3) for i, n in enumerate(needed)]
+    # In the arena: 0 1 2, gap, 3, gap, 4 5 6, gap, 7 9 8; the last two side by side
+    # but out of the blocks' order, so the runs are 012, 3, 456, 7, 8, 9.
+    offsets, at = [0] * NUM_BLOCKS, 4096
+    for i in [0, 1, 2, None, 3, None, 4, 5, 6, None, 7, 9, 8]:
+        if i is None:
+            at += 48
+        else:
+            offsets[i] = at
+            at += reserved[i]
+    worker.arena.fill_(0xA5)
+    into_arena = copies_into_arena(monkeypatch, worker)
+    reports = store_ranges(worker, 1, list(range(NUM_BLOCKS)), offsets, reserved)
+    assert into_arena == [copy == "kernel"], "one chunk, six runs: copy engines"
+    assert [reports[o][0] for o in offsets] == needed
+    assert (outside_ranges(worker, offsets, reserved) == 0xA5).all()
+    for c in caches:
+        c.zero_()
+    assert load(worker, 2, offsets, list(range(NUM_BLOCKS))) == set()
+    for c, o in zip(caches, original):
+        assert torch.allclose(c.float(), o.float(), atol=0.1)
+
+
+@pytest.mark.parametrize("copy", COPIES)
+def test_range_outside_the_arena_fails_its_block_unwritten(copy: str) -> None:
+    """A range that starts before the arena or runs past its end is never written,
+    even where the block's records alone would fit; its block is reported failed
+    and the other blocks are stored."""
+    caches = make_kv(torch.bfloat16)
+    worker = make_worker(caches, arena_bytes=1 << 16, copy=copy)
+    worst = worker.reserve_bytes(0)
+    offsets = [0, worst, (1 << 16) - worst + 16, -16]
+    reserved = [worst] * 4
+    worker.arena.fill_(0xA5)
+    reports = store_ranges(worker, 0, [0, 1, 2, 3], offsets, reserved)
+    assert reports[offsets[0]][0] > 0 and reports[offsets[1]][0] > 0
+    assert reports[offsets[2]][0] == reports[offsets[3]][0] == 0
+    assert (outside_ranges(worker, offsets[:2], reserved[:2]) == 0xA5).all()
+    assert worker.counters.blocks_stored == 2
+
+
+@pytest.mark.parametrize("gaps", [MAX_DMA_RUNS - 1, MAX_DMA_RUNS])
+def test_chunk_of_more_runs_than_the_threshold_takes_the_kernel(
+        monkeypatch: pytest.MonkeyPatch, gaps: int) -> None:
+    """Each copy-engine copy has a fixed cost; a chunk whose ranges split into more
+    than MAX_DMA_RUNS runs is written by the segment-copy kernel instead."""
+    caches = make_kv(torch.bfloat16)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches)
+    worst = worker.reserve_bytes(0)
+    offsets = [i * worst + 16 * min(i, gaps) for i in range(NUM_BLOCKS)]
+    reserved = [worst] * NUM_BLOCKS
+    worker.arena.fill_(0xA5)
+    into_arena = copies_into_arena(monkeypatch, worker)
+    reports = store_ranges(worker, 0, list(range(NUM_BLOCKS)), offsets, reserved)
+    assert into_arena == [gaps + 1 > MAX_DMA_RUNS]
+    assert all(reports[o][0] > 0 for o in offsets)
+    assert (outside_ranges(worker, offsets, reserved) == 0xA5).all()
+    for c in caches:
+        c.zero_()
+    assert load(worker, 1, offsets, list(range(NUM_BLOCKS))) == set()
+    for c, o in zip(caches, original):
+        assert torch.allclose(c.float(), o.float(), atol=0.1)

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.offload.test_compressed_worker import (NUM_BLOCKS, load, make_kv, make_worker,
-                                                  reserve_offsets, store, worker_block_bytes)
+from tests.offload.test_compressed_worker import (COPIES, NUM_BLOCKS, load, make_kv,
+                                                  make_worker, reserve_offsets, store,
+                                                  worker_block_bytes)
 from vllm_kvcompress.codec import CodecConfig, CodecMode
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -31,6 +32,7 @@ def scenarios(draw: st.DrawFn) -> dict:
         "dtype": draw(st.sampled_from(DTYPES)), "mode": draw(st.sampled_from(list(CodecMode))),
         "eb": draw(st.sampled_from([3e-2, 1e-2])),
         "blocks_per_chunk": draw(st.integers(1, NUM_BLOCKS)),
+        "copy": draw(st.sampled_from(COPIES)),
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -41,7 +43,8 @@ def test_reloads_are_within_bound_or_reported(s: dict) -> None:
     caches = make_kv(s["dtype"], seed=s["seed"])
     original = [c.clone() for c in caches]
     worker = make_worker(caches, CodecConfig(s["eb"], True, s["mode"]),
-                         staging_bytes=s["blocks_per_chunk"] * worker_block_bytes(caches))
+                         staging_bytes=s["blocks_per_chunk"] * worker_block_bytes(caches),
+                         copy=s["copy"])
     offsets = reserve_offsets(worker, len(s["stored"]) + 1)
     unknown = offsets.pop()  # a reservation nothing was stored in
     reports = store(worker, 0, s["stored"], offsets)
