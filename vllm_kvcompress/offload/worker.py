@@ -145,6 +145,46 @@ class _Device:
         return torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda)
 
 
+class _PinnedUpload:
+    """Host metadata to the GPU through reused pinned buffers, one set per stream.
+
+    A copy from pageable memory may first wait for the stream's earlier work (for a
+    store, the model's pending kernels); one from pinned memory never does. Pinning a
+    fresh buffer per job (``Tensor.pin_memory``) cost ~3 ms of the engine's step for
+    one long prompt's load on the H100, so buffers are kept and reused once an event
+    says the GPU has read them. A store's copy waits for the model's stream, so its
+    buffer may still be queued at the next store: a few buffers take turns.
+    """
+
+    KEPT = 4
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._buffers: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        source = torch.from_numpy(np.ascontiguousarray(array)).view(-1)
+        nbytes = source.numel() * source.element_size()
+        free = [i for i, (buf, read) in enumerate(self._buffers)
+                if buf.numel() >= nbytes and read.query()]
+        if free:
+            buffer, _ = self._buffers.pop(free[0])
+        else:
+            buffer = torch.empty(1 << max(nbytes - 1, 0).bit_length(), dtype=torch.uint8,
+                                 pin_memory=True)
+            if len(self._buffers) >= self.KEPT:
+                # The dropped buffer's pending copy keeps it: torch's pinned-memory
+                # cache reuses it only after that copy.
+                self._buffers.pop(0)
+        host = buffer[:nbytes].view(source.dtype)
+        host.copy_(source)
+        on_device = host.to(self._device, non_blocking=True)
+        read = torch.cuda.Event()
+        read.record()
+        self._buffers.append((buffer, read))
+        return on_device.view(array.shape)
+
+
 @dataclass
 class WorkerCounters:
     """Totals since start on this rank, for benchmarks and tests (read them with
@@ -263,6 +303,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
         self.max_dma_runs = MAX_DMA_RUNS
         self._store_stream = self._dev.new_stream()
         self._load_stream = self._dev.new_stream()
+        self._uploads = ({store: _PinnedUpload(device) for store in (True, False)}
+                         if self._dev.is_cuda else None)
         # GPU staging per direction (True = store), taken now at the size the chunks
         # use, so that no store or load fails later for GPU memory vLLM's profiler
         # never saw; it grows only for a single block larger than staging_bytes.
@@ -423,7 +465,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
                              inside[lo:lo + step], region, self.max_dma_runs)
                  for lo in range(0, n, step)]
         packed = self._to_device(np.concatenate([block_ids, reserved,
-                                                 *(plan.dst for plan in plans)]))
+                                                 *(plan.dst for plan in plans)]), store=True)
         ids, room, dst = packed[:n], packed[n:2 * n], packed[2 * n:]
         per_block = self._page_bases[group].numel()
         page_ids = self._page_ids(group, ids)
@@ -468,7 +510,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         sizes = np.array([self.layouts[t].block_bytes for t in tensors], dtype=np.int64)
         starts = np.cumsum(sizes) - sizes
         fits = (sizes.sum() <= reserved).astype(np.int64)
-        packed = self._to_device(np.concatenate([block_ids, offsets, fits]))
+        packed = self._to_device(np.concatenate([block_ids, offsets, fits]), store=True)
         ids, dst, fit = packed[:n], packed[n:2 * n], packed[2 * n:]
         status = torch.empty((len(tensors), n), dtype=torch.int32, device=ids.device)
         with _nvtx("kvcompress.copy"):
@@ -585,7 +627,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
             return batch
         batch.nbytes = int(sizes.sum())
         if not self.compressible:
-            both = self._to_device(np.concatenate([block_ids[present], offsets[present]]))
+            both = self._to_device(np.concatenate([block_ids[present], offsets[present]]),
+                                   store=False)
             batch.copy_status = self._to_host(self._load_raw(tensors, both[:m], both[m:]))
             return batch
         totals = sizes.sum(1)
@@ -599,7 +642,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         rec_starts = seg_starts[:, None] + np.cumsum(sizes, 1) - sizes
         packed = self._to_device(np.concatenate([
             block_ids[present], offsets[present], seg_starts, totals,
-            np.stack([rec_starts, sizes], 2).ravel()]))
+            np.stack([rec_starts, sizes], 2).ravel()]), store=False)
         ids, src, seg, tot = (packed[i * m:(i + 1) * m] for i in range(4))
         records = packed[4 * m:].view(m, per_block, 2)
         page_ids = self._page_ids(group, ids)
@@ -638,14 +681,12 @@ class CompressedOffloadingWorker(OffloadingWorker):
 
     # --- helpers ---
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """Host metadata to the GPU without blocking the host: a copy from pageable
-        memory may first wait for the stream's earlier work (for a store, the model's
-        pending kernels); one from pinned memory never does."""
-        host = torch.from_numpy(array)
-        if self._dev.is_cuda:
-            host = host.pin_memory()
-        return host.to(self._dev.device, non_blocking=True)
+    def _to_device(self, array: np.ndarray, store: bool) -> torch.Tensor:
+        """Host metadata to the GPU, on the current (store or load) stream, without
+        blocking the host."""
+        if self._uploads is None:
+            return torch.from_numpy(array)
+        return self._uploads[store](array)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         host = self._dev.host_buffer(tuple(t.shape), t.dtype)
