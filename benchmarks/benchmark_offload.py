@@ -17,9 +17,10 @@ It also reports how many tokens the host cache holds at the same ``--offload-gib
 for native offloading its block count, for compressed offloading the blocks it holds
 once new prompts have filled it and it has been evicting for a while (the capacity
 reached in practice, with reservations and fragmentation; the arena over the mean
-block size is reported beside it as ``host_tokens_if_packed``). The prompts stored
-while it evicts time the cold prefill of a full host cache
-(``cold_slowdown_compressed_evicting``). Writes JSON, a PNG and a table.
+block size is reported beside it as ``host_tokens_if_packed``). New prompts stored
+while a full host cache evicts time its cold prefill, for native and compressed
+offloading alike (``cold_slowdown_native_evicting``,
+``cold_slowdown_compressed_evicting``). Writes JSON, a PNG and a table.
 
     python benchmarks/benchmark_offload.py --out results/offload
 """
@@ -28,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,33 +104,47 @@ def metrics(llm) -> dict[str, float]:
     return values
 
 
-def fill_host_cache(llm, args: argparse.Namespace) -> dict[str, float]:
-    """Stores new prompts until the host cache has been evicting for
-    ``--fill-extra-prompts`` prompts, then counts the blocks it holds: the capacity
-    reached in practice, with reservations and fragmentation, not the arena size
-    over the mean block size. The prompts stored while it evicts are also the cold
-    prefills of a server whose host cache is full (``cold_evicting_ms``, their
-    median), which the cold column, measured before the cache fills, does not see."""
-    from vllm_kvcompress.offload.metrics import CompressionMetrics as M
-
+def fill_host_cache(llm, args: argparse.Namespace,
+                    is_evicting: Callable[[], bool]) -> dict[str, Any]:
+    """Stores new prompts until the host cache has been evicting (``is_evicting``,
+    asked after each prompt) for ``--fill-extra-prompts`` prompts. The prompts stored
+    while it evicts are the cold prefills of a server whose host cache is full
+    (``cold_evicting_ms``, their median), which the cold column, measured while the
+    compressed cache still has room, does not see."""
     prompts_after_eviction = 0
     evicting_s: list[float] = []
     for i in range(args.fill_max_prompts):
         seconds = timed(llm, make_prompts(1, args.prompt_tokens, seed=10_000 + i)[0])
         if prompts_after_eviction:
             evicting_s.append(seconds)
-        if prompts_after_eviction or metrics(llm).get(M.BLOCKS_EVICTED, 0) > 0:
+        if prompts_after_eviction or is_evicting():
             prompts_after_eviction += 1
             if prompts_after_eviction > args.fill_extra_prompts:
                 break
+    return {"prompts": i + 1, "evicting": prompts_after_eviction > 0,
+            "cold_evicting_ms": 1e3 * statistics.median(evicting_s) if evicting_s else None}
+
+
+def compressed_cache_held(llm) -> dict[str, float]:
+    """What the full compressed host cache holds once its stores have finished: the
+    capacity reached in practice, with reservations and fragmentation, not the arena
+    size over the mean block size."""
+    from vllm_kvcompress.offload.metrics import CompressionMetrics as M
+
     settle(llm)
     final = metrics(llm)
-    return {"prompts": i + 1, "evicting": prompts_after_eviction > 0,
-            "cached_blocks": final.get(M.CACHED_BLOCKS, 0.0),
+    return {"cached_blocks": final.get(M.CACHED_BLOCKS, 0.0),
             "arena_usage": final.get(M.ARENA_USAGE, 0.0),
             "arena_fragmentation": final.get(M.ARENA_FRAGMENTATION, 0.0),
-            "stores_oversized": final.get(M.STORES_OVERSIZED, 0.0),
-            "cold_evicting_ms": 1e3 * statistics.median(evicting_s) if evicting_s else None}
+            "stores_oversized": final.get(M.STORES_OVERSIZED, 0.0)}
+
+
+def native_evicting(stored_prompts: int, blocks_per_prompt: int, held_blocks: int
+                    ) -> Callable[[], bool]:
+    """Whether vLLM's native cache evicts, asked once per new prompt: it holds a fixed
+    number of blocks, so it evicts once the prompts stored exceed them."""
+    stored = itertools.count(stored_prompts + 1)
+    return lambda: next(stored) * blocks_per_prompt > held_blocks
 
 
 def make_prompts(n: int, tokens: int, seed: int) -> list[dict[str, list[int]]]:
@@ -200,6 +217,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         capacity = args.offload_gib * 2**30
         if mode == "native":
             entry["host_tokens"] = capacity // block_bytes * BLOCK
+            # Both measure() rounds stored repeats + 4 new prompts each.
+            entry["fill"] = fill_host_cache(llm, args, native_evicting(
+                2 * (args.repeats + 4), -(-args.prompt_tokens // BLOCK),
+                capacity // block_bytes))
         elif mode == "compressed":
             counters = llm.collective_rpc(_worker_counters)[0]
             entry["counters"] = counters
@@ -207,11 +228,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             entry["compression_ratio"] = counters["raw_bytes_stored"] / max(
                 counters["bytes_stored"], 1)
             entry["host_tokens_if_packed"] = int(capacity / max(mean_block, 1) * BLOCK)
-            fill = fill_host_cache(llm, args)
-            entry["fill"] = fill
+            from vllm_kvcompress.offload.metrics import CompressionMetrics as M
+
+            fill = fill_host_cache(llm, args,
+                                   lambda: metrics(llm).get(M.BLOCKS_EVICTED, 0) > 0)
             if not fill["evicting"]:
                 raise SystemExit(f"the host cache never filled in {fill['prompts']} prompts; "
                                  "raise --fill-max-prompts")
+            fill |= compressed_cache_held(llm)
+            entry["fill"] = fill
             entry["host_tokens"] = int(fill["cached_blocks"]) * BLOCK
         results["configs"][mode] = entry
         # Written after every configuration, so a run cut short still reports.
@@ -237,9 +262,10 @@ def summarize(results: dict[str, Any]) -> None:
         for name, entry in (("native", native), ("compressed", comp)):
             if entry:
                 summary[f"cold_slowdown_{name}"] = entry["cold"] / none["cold"] - 1
-        evicting = (comp or {}).get("fill", {}).get("cold_evicting_ms")
-        if evicting is not None:
-            summary["cold_slowdown_compressed_evicting"] = evicting / none["cold"] - 1
+        for name, entry in (("native", native), ("compressed", comp)):
+            evicting = (entry or {}).get("fill", {}).get("cold_evicting_ms")
+            if evicting is not None:
+                summary[f"cold_slowdown_{name}_evicting"] = evicting / none["cold"] - 1
     results["summary"] = summary
 
 
@@ -298,7 +324,7 @@ def main() -> None:
     parser.add_argument("--codec-mode", default=DEFAULT_MODE, choices=list(MODE_NAMES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fill-max-prompts", type=int, default=200,
-                        help="new prompts at most to fill the compressed host cache")
+                        help="new prompts at most to fill the host cache until it evicts")
     parser.add_argument("--fill-extra-prompts", type=int, default=8,
                         help="prompts stored after the first eviction before counting")
     parser.add_argument("--enforce-eager", action="store_true")

@@ -49,31 +49,50 @@ def args(max_prompts: int) -> argparse.Namespace:
                               prompt_tokens=32)
 
 
+def evicted(engine: FakeEngine):
+    return lambda: benchmark_offload.metrics(engine).get(M.BLOCKS_EVICTED, 0) > 0
+
+
 def test_fill_counts_blocks_after_the_cache_has_been_evicting(no_gpu: None) -> None:
     engine = FakeEngine(per_prompt=10, capacity=25)
-    fill = benchmark_offload.fill_host_cache(engine, args(50))
+    fill = benchmark_offload.fill_host_cache(engine, args(50), evicted(engine))
     # Prompt 3 is the first to evict; three more follow before counting.
     assert fill["prompts"] == engine.prompts == 6
-    assert fill["evicting"] and fill["cached_blocks"] == 25
-    assert fill["stores_oversized"] == 2
+    assert fill["evicting"]
     # prompts 4 to 6 were stored while the cache evicted (prompt 3 made it evict)
     assert fill["cold_evicting_ms"] == 5000.0
+    held = benchmark_offload.compressed_cache_held(engine)
+    assert held["cached_blocks"] == 25 and held["stores_oversized"] == 2
+
+
+def test_native_cache_evicts_once_its_blocks_are_exceeded(no_gpu: None) -> None:
+    # 4 prompts stored before; 10 blocks each into 55: the 6th prompt evicts.
+    engine = FakeEngine(per_prompt=10, capacity=55)
+    engine.prompts = 4
+    is_evicting = benchmark_offload.native_evicting(4, 10, 55)
+    fill = benchmark_offload.fill_host_cache(engine, args(50), is_evicting)
+    assert fill["evicting"] and fill["prompts"] == 5
+    # fill prompts 3 to 5 (engine prompts 7 to 9) were stored while it evicted
+    assert fill["cold_evicting_ms"] == 8000.0
 
 
 def test_summary_compares_cold_prefill_while_evicting_with_no_offloading() -> None:
     results = {"configs": {
         "none": {"cold": 100.0, "gpu_hit": 20.0, "cpu_hit": 100.0},
-        "native": {"cold": 102.0, "gpu_hit": 20.0, "cpu_hit": 44.0, "host_tokens": 1000},
+        "native": {"cold": 102.0, "gpu_hit": 20.0, "cpu_hit": 44.0, "host_tokens": 1000,
+                   "fill": {"cold_evicting_ms": 103.0}},
         "compressed": {"cold": 104.0, "gpu_hit": 21.0, "cpu_hit": 32.0, "host_tokens": 3300,
                        "fill": {"cold_evicting_ms": 110.0}}}}
     benchmark_offload.summarize(results)
     summary = results["summary"]
     assert summary["cold_slowdown_compressed"] == pytest.approx(0.04)
     assert summary["cold_slowdown_compressed_evicting"] == pytest.approx(0.10)
+    assert summary["cold_slowdown_native_evicting"] == pytest.approx(0.03)
     assert summary["reload_overhead_vs_native"] == pytest.approx(11 / 24)
     assert summary["host_tokens_vs_native"] == pytest.approx(3.3)
 
 
 def test_fill_says_so_when_the_cache_never_filled(no_gpu: None) -> None:
-    fill = benchmark_offload.fill_host_cache(FakeEngine(per_prompt=1, capacity=100), args(5))
+    engine = FakeEngine(per_prompt=1, capacity=100)
+    fill = benchmark_offload.fill_host_cache(engine, args(5), evicted(engine))
     assert fill["prompts"] == 5 and not fill["evicting"]
