@@ -699,3 +699,41 @@ def test_load_of_a_range_outside_the_arena_fails_its_block_unwritten(load_copy: 
         c.fill_(7.0)
     assert load(worker, 1, [offsets[0], past_end, offsets[1]], [4, 5, 6]) == {5}
     assert_loaded(caches, original, [0, 1], [4, 6], 7.0)
+
+
+def test_blocks_overwritten_by_later_stores_leave_the_worker_table() -> None:
+    """The worker is not told of evictions; a store into ranges that held earlier
+    blocks replaces their entries, so the table tracks the arena, not the traffic."""
+    caches = make_kv(torch.bfloat16)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches)
+    size = worker.reserve_bytes(0)
+    first = reserve_offsets(worker, 6)
+    store(worker, 0, list(range(6)), first)
+    # Blocks 0-2 evicted; three new blocks take their space from 16 bytes in, with
+    # smaller reservations: no new range starts at an old offset, and the one at 0
+    # is only reached by its records.
+    room = size - 16
+    shifted = [16 + i * room for i in range(3)]
+    store_ranges(worker, 1, [6, 7, 8], shifted, [room] * 3)
+    assert sorted(worker._records) == sorted(first[3:] + shifted)
+    assert np.array_equal(worker._record_offsets, np.sort(first[3:] + shifted))
+    for c in caches:
+        c.zero_()
+    assert load(worker, 2, first[3:] + shifted, [3, 4, 5, 6, 7, 8]) == set()
+    for c, o in zip(caches, original):
+        assert (c[3:9] != 0).any() and (o[3:9] - c[3:9]).abs().max() < 1
+
+
+def test_worker_table_stays_bounded_over_many_reallocations() -> None:
+    caches = make_kv(torch.float16)
+    worker = make_worker(caches, arena_bytes=1 << 21)
+    size = worker.reserve_bytes(0)
+    slots = worker.arena.numel() // size
+    rng = np.random.default_rng(0)
+    for job in range(40):
+        # ranges at arbitrary 16-byte offsets, as a fragmented arena hands them out
+        start = int(rng.integers(0, worker.arena.numel() - 3 * size)) // 16 * 16
+        store_ranges(worker, job, [1, 2, 3], [start + i * size for i in range(3)], [size] * 3)
+        assert len(worker._records) <= slots + 3
+        assert np.array_equal(worker._record_offsets, np.sort(list(worker._records)))

@@ -353,8 +353,10 @@ class CompressedOffloadingWorker(OffloadingWorker):
         for store, nbytes in self._staging_sizes().items():
             with _on(self._store_stream if store else self._load_stream):
                 self._staging_buffers[store] = self._reserve_staging(nbytes)
-        # arena offset -> record sizes of the block's pages on this rank
+        # arena offset -> record sizes of the block's pages on this rank, and the same
+        # offsets sorted, to find the entries a new store's ranges overwrite
         self._records: dict[int, np.ndarray] = {}
+        self._record_offsets = np.empty(0, dtype=np.int64)
         self._jobs: deque[_Job] = deque()
         # Reports for the scheduler, drained by the connector each step:
         # job id -> {arena offset: (bytes written, raw pages, checksum)}; bytes 0 = failed,
@@ -485,6 +487,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 job.end.synchronize()
         self._jobs.clear()
         self._records.clear()
+        self._record_offsets = np.empty(0, dtype=np.int64)
 
     # --- store ---
     # The host issues these launches while the engine's next step waits for it, so
@@ -612,10 +615,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
         reports.update(zip(offsets, zip(reported.tolist(), raw_pages.tolist(),
                                         checksums.tolist())))
         kept = reported > 0
-        self._records.update(zip(batch.offsets[kept].tolist(),
-                                 np.array(sizes[kept], dtype=np.int32)))
-        for offset in batch.offsets[~kept].tolist():
-            self._records.pop(offset, None)
+        self._replace_records(batch.offsets, batch.reserved, kept,
+                              np.array(sizes[kept], dtype=np.int32))
         c = self.counters
         c.blocks_oversized += int((~fits).sum())
         c.blocks_stored += int(ok.sum())
@@ -636,6 +637,39 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 self.codec.error_bound, " (relative)" if self.codec.relative else "",
                 self.layouts[0].pages.dtype)
         return int(needed[ok].sum())
+
+    def _replace_records(self, offsets: np.ndarray, reserved: np.ndarray, kept: np.ndarray,
+                         sizes: np.ndarray) -> None:
+        """Records the sizes of the blocks ``kept`` of a store and forgets every
+        earlier block whose records overlap one of the store's ranges. The scheduler
+        reserved those ranges free, so a block there was evicted or dropped; the
+        worker is not told of evictions, and without this its table would keep an
+        entry for every offset ever used, growing with a long-running server's
+        traffic rather than with the arena."""
+        known = self._record_offsets
+        # A range outside the arena is the scheduler's error, not a freed range.
+        valid = (offsets >= 0) & (offsets + reserved <= self.arena.numel())
+        order = np.argsort(offsets[valid])
+        starts = offsets[valid][order]
+        ends = starts + np.maximum(reserved[valid][order], 1)
+        # Entries starting up to one worst-case block before a range may reach into it.
+        reach = max(map(self.reserve_bytes, range(len(self.group_tensors))))
+        near = np.zeros(len(known) + 1, dtype=np.int64)
+        np.add.at(near, np.searchsorted(known, starts - reach), 1)
+        np.add.at(near, np.searchsorted(known, ends), -1)
+        candidates = known[np.cumsum(near[:-1]) > 0]
+        record_ends = candidates + np.array([int(self._records[o].sum()) for o in
+                                             candidates.tolist()], dtype=np.int64)
+        # The ranges of one store are disjoint: the last one starting before an
+        # entry's records end is the only one they can overlap.
+        last = np.searchsorted(starts, record_ends, "left") - 1
+        stale = candidates[(last >= 0) & (ends[np.maximum(last, 0)] > candidates)]
+        for offset in stale.tolist():
+            del self._records[offset]
+        known = np.setdiff1d(known, stale, assume_unique=True)
+        new = np.sort(offsets[kept])
+        self._record_offsets = np.insert(known, np.searchsorted(known, new), new)
+        self._records.update(zip(offsets[kept].tolist(), sizes))
 
     def _checksums(self, offsets: np.ndarray, sizes: np.ndarray, ok: np.ndarray) -> np.ndarray:
         """Per block, the sum mod 2^32 of its records' header checksums, read from
