@@ -93,6 +93,17 @@ def reserve_offsets(worker: CompressedOffloadingWorker, n: int) -> list[int]:
     return [i * worker.reserve_bytes(0) for i in range(n)]
 
 
+def assert_reloads_every_block(worker: CompressedOffloadingWorker, job_id: int,
+                               caches: list[torch.Tensor], original: list[torch.Tensor],
+                               offsets: list[int]) -> None:
+    """Clears the KV cache, loads blocks 0.. back from ``offsets`` and compares."""
+    for c in caches:
+        c.zero_()
+    assert load(worker, job_id, offsets, list(range(len(offsets)))) == set()
+    for c, o in zip(caches, original):
+        assert torch.allclose(c.float(), o.float(), atol=0.1)
+
+
 @pytest.mark.parametrize("load_copy", COPIES)
 @pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -135,11 +146,7 @@ def test_large_jobs_run_in_chunks_through_small_staging(copy: str) -> None:
     blocks = list(range(NUM_BLOCKS))
     offsets = reserve_offsets(worker, NUM_BLOCKS)
     store(worker, 0, blocks, offsets)
-    for c in caches:
-        c.zero_()
-    assert load(worker, 1, offsets, blocks) == set()
-    for c, o in zip(caches, original):
-        assert torch.allclose(c.float(), o.float(), atol=0.1)
+    assert_reloads_every_block(worker, 1, caches, original, offsets)
 
 
 def test_staging_is_taken_at_start_and_reused() -> None:
@@ -498,11 +505,7 @@ def test_store_into_split_runs_round_trips_and_writes_only_reservations(
     assert into_arena == [copy == "kernel"], "one chunk, six runs: copy engines"
     assert [reports[o][0] for o in offsets] == needed
     assert (outside_ranges(worker, offsets, reserved) == 0xA5).all()
-    for c in caches:
-        c.zero_()
-    assert load(worker, 2, offsets, list(range(NUM_BLOCKS))) == set()
-    for c, o in zip(caches, original):
-        assert torch.allclose(c.float(), o.float(), atol=0.1)
+    assert_reloads_every_block(worker, 2, caches, original, offsets)
 
 
 @pytest.mark.parametrize("copy", COPIES)
@@ -540,11 +543,7 @@ def test_chunk_of_more_runs_than_the_threshold_takes_the_kernel(
     assert into_arena == [gaps + 1 > MAX_DMA_RUNS]
     assert all(reports[o][0] > 0 for o in offsets)
     assert (outside_ranges(worker, offsets, reserved) == 0xA5).all()
-    for c in caches:
-        c.zero_()
-    assert load(worker, 1, offsets, list(range(NUM_BLOCKS))) == set()
-    for c, o in zip(caches, original):
-        assert torch.allclose(c.float(), o.float(), atol=0.1)
+    assert_reloads_every_block(worker, 1, caches, original, offsets)
 
 
 def test_load_plan_stages_runs_with_their_gaps_back_to_back() -> None:

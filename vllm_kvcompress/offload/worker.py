@@ -509,7 +509,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         region = self._store_region(group)
         # A block whose range is not wholly inside the arena gets destination -1,
         # which the segment copy refuses and reports, so the block fails unwritten.
-        inside = (offsets >= 0) & (reserved >= 0) & (offsets <= self.arena.numel() - reserved)
+        inside = self._inside_arena(offsets, reserved)
         plans = [_plan_chunk(offsets[lo:lo + step], reserved[lo:lo + step],
                              inside[lo:lo + step], region, self.max_dma_runs)
                  for lo in range(0, n, step)]
@@ -638,6 +638,10 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 self.layouts[0].pages.dtype)
         return int(needed[ok].sum())
 
+    def _inside_arena(self, offsets: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """Which ranges of ``nbytes`` at ``offsets`` lie wholly inside the arena."""
+        return (offsets >= 0) & (nbytes >= 0) & (offsets <= self.arena.numel() - nbytes)
+
     def _replace_records(self, offsets: np.ndarray, reserved: np.ndarray, kept: np.ndarray,
                          sizes: np.ndarray) -> None:
         """Records the sizes of the blocks ``kept`` of a store and forgets every
@@ -648,22 +652,29 @@ class CompressedOffloadingWorker(OffloadingWorker):
         traffic rather than with the arena."""
         known = self._record_offsets
         # A range outside the arena is the scheduler's error, not a freed range.
-        valid = (offsets >= 0) & (offsets + reserved <= self.arena.numel())
+        valid = self._inside_arena(offsets, reserved)
         order = np.argsort(offsets[valid])
         starts = offsets[valid][order]
         ends = starts + np.maximum(reserved[valid][order], 1)
-        # Entries starting up to one worst-case block before a range may reach into it.
+        # An entry starting inside a range is stale; one starting up to a worst-case
+        # block before it is stale if its records reach into it, which only those
+        # few entries' sizes can tell.
         reach = max(map(self.reserve_bytes, range(len(self.group_tensors))))
-        near = np.zeros(len(known) + 1, dtype=np.int64)
+        inside, near = (np.zeros(len(known) + 1, dtype=np.int64) for _ in range(2))
+        np.add.at(inside, np.searchsorted(known, starts), 1)
+        np.add.at(inside, np.searchsorted(known, ends), -1)
         np.add.at(near, np.searchsorted(known, starts - reach), 1)
-        np.add.at(near, np.searchsorted(known, ends), -1)
-        candidates = known[np.cumsum(near[:-1]) > 0]
-        record_ends = candidates + np.array([int(self._records[o].sum()) for o in
-                                             candidates.tolist()], dtype=np.int64)
-        # The ranges of one store are disjoint: the last one starting before an
-        # entry's records end is the only one they can overlap.
-        last = np.searchsorted(starts, record_ends, "left") - 1
-        stale = candidates[(last >= 0) & (ends[np.maximum(last, 0)] > candidates)]
+        np.add.at(near, np.searchsorted(known, starts), -1)
+        in_range = np.cumsum(inside[:-1]) > 0
+        before = known[(np.cumsum(near[:-1]) > 0) & ~in_range]
+        record_ends = before + np.array([int(self._records[o].sum()) for o in before.tolist()],
+                                        dtype=np.int64)
+        # The ranges of one store are disjoint: the first one starting after an
+        # entry is the only one its records can reach first.
+        following = np.searchsorted(starts, before, "right")
+        reaches = following < len(starts)
+        reaches[reaches] &= record_ends[reaches] > starts[following[reaches]]
+        stale = np.concatenate([known[in_range], before[reaches]])
         for offset in stale.tolist():
             del self._records[offset]
         known = np.setdiff1d(known, stale, assume_unique=True)
