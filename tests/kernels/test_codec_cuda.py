@@ -112,8 +112,8 @@ def test_decode_matches_cpu_in_every_mode(dtype, mode, tokens, channels, rows):
     warps with half a pair); rows dividing the CTA's 256 positions (1, 16) take a
     loop whose cursor never wraps, rows 48 and 5 the one that does. Full-size KV
     pages (16 x 1024) and raw pages among them, decoded into scattered pages."""
-    pages = torch.cat([kv_like(12, tokens, channels, dtype, seed=tokens + channels),
-                       adversarial(4, tokens * channels, dtype, seed=rows)])
+    pages = torch.cat([kv_like(9, tokens, channels, dtype, seed=tokens + channels),
+                       adversarial(7, tokens * channels, dtype, seed=rows)])
     ids = torch.randperm(16, generator=torch.Generator().manual_seed(rows))
     cpu, gpu = both_devices(pages, ids, CodecConfig(1e-2, True, mode, rows))
     assert_same_stream(cpu, gpu)
@@ -122,7 +122,8 @@ def test_decode_matches_cpu_in_every_mode(dtype, mode, tokens, channels, rows):
     assert (decompress_pages(cpu, expected, targets) == DecodeStatus.OK).all()
     dst = torch.zeros_like(pages).cuda()
     assert (decompress_pages(gpu, dst, targets.cuda()) == DecodeStatus.OK).all()
-    assert torch.equal(dst.cpu(), expected)
+    # Bit equality: the raw pages carry NaN, which compares unequal to itself.
+    assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
