@@ -193,7 +193,7 @@ worker() {
   for layout in ${WORKER_LAYOUTS:-flash cross}; do
     python3 benchmarks/benchmark_worker.py --layout "$layout" --profile \
       --out "$OUT/worker_$layout" > "$OUT/benchmark_worker_$layout.log" 2>&1 || status=1
-    head -9 "$OUT/benchmark_worker_$layout.log"
+    head -10 "$OUT/benchmark_worker_$layout.log"
   done
 }
 

@@ -27,6 +27,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Decompression fetches the words of the blocks it decodes next, up to this many
+// block indices past the last one; their width bytes read as zero.
+constexpr int kDecodeAhead = 3 * kWarps;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
 template <uint8_t Code>
@@ -67,8 +70,11 @@ struct SharedLayout {
   __host__ __device__ uint32_t compress_total(bool outlier) const {
     return stage_at() + (outlier ? round_up(3 * num_blocks, 16) : 0u);
   }
-  // Decompression keeps each block's first plane word and first outlier byte.
-  __host__ __device__ uint32_t words_at() const { return tables_at(); }
+  // Decompression keeps each block's first plane word and outlier value after the
+  // widths, which have kDecodeAhead zero bytes after the last block.
+  __host__ __device__ uint32_t words_at() const {
+    return widths_at() + round_up(num_blocks + kDecodeAhead, 16);
+  }
   __host__ __device__ uint32_t outl_at() const { return words_at() + 4 * round_up(num_blocks, 4); }
   __host__ __device__ uint32_t decompress_total() const {
     return outl_at() + 4 * round_up(num_blocks, 4);
@@ -160,12 +166,16 @@ struct StreamCursor {
   uint32_t step_row;    // stride mod rows
   uint32_t step_index;  // index change of a stride that stays below the last row
   uint32_t wrap;        // further index change when the row passes the last one
+  // Wraps false: the caller knows step_row is 0, so the row never changes.
+  template <bool Wraps = true>
   __device__ __forceinline__ void advance() {
     index += step_index;
-    row += step_row;
-    if (row >= rows) {
-      row -= rows;
-      index += wrap;
+    if constexpr (Wraps) {
+      row += step_row;
+      if (row >= rows) {
+        row -= rows;
+        index += wrap;
+      }
     }
   }
 };
@@ -253,22 +263,6 @@ __device__ void copy_words(uint8_t* dst, const uint8_t* src, uint32_t bytes) {
   }
 }
 
-// Checksum terms of `bytes` (a multiple of 4) of words starting at word index
-// `first`; `p` is 16-byte aligned.
-__device__ uint32_t checksum_words(const uint8_t* p, uint32_t bytes, uint32_t first) {
-  uint32_t sum = 0;
-  const uint32_t vecs = bytes / 16;
-  for (uint32_t i = threadIdx.x; i < vecs; i += kThreads) {
-    const uint4 v = reinterpret_cast<const uint4*>(p)[i];
-    sum += checksum_term(v.x, first + 4 * i) + checksum_term(v.y, first + 4 * i + 1) +
-           checksum_term(v.z, first + 4 * i + 2) + checksum_term(v.w, first + 4 * i + 3);
-  }
-  for (uint32_t i = vecs * 4 + threadIdx.x; i < bytes / 4; i += kThreads) {
-    sum += checksum_term(reinterpret_cast<const uint32_t*>(p)[i], first + i);
-  }
-  return sum;
-}
-
 // Copies `bytes` (a multiple of 4) between word-aligned buffers, 16 bytes at a time
 // when both are 16-byte aligned, and returns this thread's checksum terms of the
 // words it copied, word i of `src` at checksum index `first + i`: the words are
@@ -295,8 +289,10 @@ __device__ uint32_t copy_checksum_words(uint8_t* dst, const uint8_t* src, uint32
 
 // Checksum terms of words[begin..end), word i at checksum index `first + i`; `words`
 // is 16-byte aligned. Up to three words one at a time to a 16-byte boundary, then
-// 16 bytes a load with several loads in flight per thread (the words were just
-// written by other warps and come back from L2), then the last few words.
+// 16 bytes a load with several loads in flight per thread (compressing, the words
+// were just written by other warps and come back from L2; decompressing, they are
+// the record's first reads from DRAM, where one load at a time would leave each
+// thread waiting a full DRAM latency per 16 bytes), then the last few words.
 __device__ uint32_t checksum_range(const uint32_t* words, uint32_t begin, uint32_t end,
                                    uint32_t first) {
   const uint32_t head = min(end, round_up(begin, 4u)), vbegin = head / 4, vend = end / 4;
@@ -863,8 +859,116 @@ __device__ int32_t check_payload(const PageHeader& h, uint32_t sum, uint8_t code
   return kOk;
 }
 
+// A compressed page's sections as the block loop reads them: the width bytes, the
+// blocks' first plane words and their outliers in shared memory, the plane words in
+// the record in global memory.
+struct DecodeSource {
+  const uint8_t* widths;  // zero from num_blocks to num_blocks + kDecodeAhead
+  const uint32_t* words;  // first plane word of each block
+  const uint32_t* outl;   // each block's outlier, decoded (outlier mode)
+  const uint32_t* planes;
+  uint32_t num_blocks;
+};
+
+// What decoding one block needs from memory: this lane's plane word (lane 0 the sign
+// word, lane b + 1 that of magnitude bit b, 0 past the block's words) and, in outlier
+// mode, the block's outlier. Zero for blocks past the last (their width bytes are 0),
+// so the loop fetches ahead with no bounds check.
+struct BlockFetch {
+  uint32_t word;
+  uint32_t outlier;
+};
+
+template <uint8_t Mode>
+__device__ __forceinline__ BlockFetch fetch_block(const DecodeSource& s, uint32_t j, int lane) {
+  const uint32_t wb = s.widths[j], f = wb & 31;
+  BlockFetch b{0u, 0u};
+  if (f > 0 && static_cast<uint32_t>(lane) <= f) b.word = s.planes[s.words[j] + lane];
+  if constexpr (Mode == kOutlier) {
+    if (wb >> 5) b.outlier = s.outl[j];
+  }
+  return b;
+}
+
+// The lane's quantised value of a fetched block. The checks before the block loop
+// bound every width by kMaxWidth < 31, so lanes f and up already hold zero words and
+// the lane moved down into lane 31 is lane 31's own zero: no mask is needed, and a
+// block of width 0 (all words zero) decodes to zeros through the same instructions,
+// with no branch that would split the two blocks a warp decodes together.
+template <uint8_t Mode>
+__device__ __forceinline__ uint32_t decode_block(const BlockFetch& b, const BitTranspose& transpose,
+                                                 int lane) {
+  // Lane b + 1 holds the word of magnitude bit b: moved down to lane b, the transpose
+  // gives every lane its own magnitude.
+  const uint32_t mag = transpose(__shfl_down_sync(kFull, b.word, 1));
+  // Unsigned arithmetic: a forged stream with a valid checksum may overflow, never UB.
+  uint32_t q = ((__shfl_sync(kFull, b.word, 0) >> lane) & 1u) ? 0u - mag : mag;
+  if constexpr (Mode == kOutlier) {
+    if (lane == 0) q = b.outlier;
+  }
+  if constexpr (Mode != kFixed) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t up = __shfl_up_sync(kFull, q, o);
+      if (lane >= o) q += up;
+    }
+  }
+  return q;
+}
+
+// The block loop of decompression, built per mode. A block's decode is one chain of
+// dependent steps (shared-memory width and offset, the plane word from L2, a dozen
+// dependent shuffles, the store), some 800 cycles, against about 80 instructions;
+// with 10 warps per scheduler that chain, not issue, set the pace
+// (docs/codec-kernel-notes.md, "Third round"). So each warp decodes two blocks at a
+// time, whose chains interleave, and fetches the next two blocks' words before
+// decoding these, so that the L2 latency is spent on work.
+template <uint8_t Code, uint8_t Mode, bool Wraps>
+__device__ __forceinline__ void decode_blocks(const DecodeSource& s, StreamCursor cur,
+                                              typename CudaType<Code>::type* page, float step,
+                                              uint32_t n) {
+  using C = CudaType<Code>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const BitTranspose transpose = bit_transpose();
+  BlockFetch next0 = fetch_block<Mode>(s, warp, lane);
+  BlockFetch next1 = fetch_block<Mode>(s, warp + kWarps, lane);
+  for (uint32_t j = warp; j < s.num_blocks; j += 2 * kWarps) {
+    const BlockFetch b0 = next0, b1 = next1;
+    next0 = fetch_block<Mode>(s, j + 2 * kWarps, lane);
+    next1 = fetch_block<Mode>(s, j + 3 * kWarps, lane);
+    const uint32_t q0 = decode_block<Mode>(b0, transpose, lane);
+    const uint32_t q1 = decode_block<Mode>(b1, transpose, lane);
+    // Positions past n (padding, or a second block past the last) are not stored.
+    if (j * kBlockValues + lane < n) {
+      page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q0)), step));
+    }
+    cur.advance<Wraps>();
+    if ((j + kWarps) * kBlockValues + lane < n) {
+      page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q1)), step));
+    }
+    cur.advance<Wraps>();
+  }
+}
+
+// Decodes a page's blocks in mode Mode. When `rows` divides the CTA's stride of
+// kThreads positions (rows 1 and 16 among them), a lane's row never changes and
+// the cursor moves by one add: a loop of its own saves the wrap test on every block.
+template <uint8_t Code, uint8_t Mode>
+__device__ void decode_page(const DecodeSource& s, const PageGeometry& g,
+                            typename CudaType<Code>::type* page, float step, uint32_t n) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const StreamCursor cur = stream_cursor(g, warp * kBlockValues + lane, kThreads);
+  if (cur.step_row == 0) {
+    decode_blocks<Code, Mode, false>(s, cur, page, step, n);
+  } else {
+    decode_blocks<Code, Mode, true>(s, cur, page, step, n);
+  }
+}
+
+// At least 5 CTAs an SM, as many as shared memory allows for 32 KiB pages: without
+// the bound the two-block loop takes 64 registers (4 CTAs); in 48 it does not spill.
 template <uint8_t Code>
-__global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) {
+__global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -880,7 +984,6 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
   uint8_t* widths = smem + L.widths_at();
   uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
   uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint32_t idx = blockIdx.x, B = L.num_blocks;
 
   if (threadIdx.x == 0) status_s = check_record(a, idx, &h_s, &offset_s);
@@ -891,8 +994,10 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
   }
   const PageHeader h = h_s;
   const uint8_t* payload = a.buf + offset_s + kHeaderBytes;
-  const uint32_t sum = block_reduce(checksum_words(payload, h.payload_len, kHeaderChecksumWords),
-                                    scratch, [](uint32_t x, uint32_t y) { return x + y; });
+  const uint32_t sum = block_reduce(
+      checksum_range(reinterpret_cast<const uint32_t*>(payload), 0, h.payload_len / 4,
+                     kHeaderChecksumWords),
+      scratch, [](uint32_t x, uint32_t y) { return x + y; });
   if (threadIdx.x == 0) {
     status_s = check_payload(h, sum, Code, a.n);
     if (status_s == kOk && !(h.flags & kFlagRaw)) {
@@ -920,6 +1025,7 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
     words[j] = block_words(f);
     outl[j] = k;
   }
+  if (threadIdx.x < kDecodeAhead) widths[B + threadIdx.x] = 0;
   malformed = __syncthreads_or(malformed);
   uint2 totals = make_uint2(0, 0);
   if (!malformed) totals = block_exclusive_scan(words, outl, B, scan_scratch);
@@ -929,33 +1035,30 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DecompressArgs a) 
   }
 
   const uint8_t* outliers = payload + round_up(B, 4);
-  const uint32_t* planes = reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4));
-  const PageGeometry g = geometry_s;
-  const BitTranspose transpose = bit_transpose();
-  StreamCursor cur = stream_cursor(g, warp * kBlockValues + lane, kThreads);
-  for (uint32_t j = warp; j < B; j += kWarps, cur.advance()) {
-    const int f = widths[j] & 31;
-    const uint32_t w = (f > 0 && lane <= f) ? planes[words[j] + lane] : 0u;
-    // Lane b + 1 holds the word of magnitude bit b: moved down to lane b, the
-    // transpose gives every lane its own magnitude.
-    const uint32_t planes_down = __shfl_down_sync(kFull, w, 1);
-    const uint32_t mag = f > 0 ? transpose(lane < f ? planes_down : 0u) : 0u;
-    // Unsigned arithmetic: a forged stream with a valid checksum may overflow, never UB.
-    uint32_t q = ((__shfl_sync(kFull, w, 0) >> lane) & 1u) ? 0u - mag : mag;
-    if (h.mode == kOutlier && lane == 0) {
+  if (h.mode == kOutlier) {
+    // Each block's outlier bytes become its decoded value once, here, so that the
+    // block loop reads one shared word where it would load up to three bytes from
+    // global memory. Each thread rewrites only the entries it reads.
+    for (uint32_t j = threadIdx.x; j < B; j += kThreads) {
+      const uint32_t k = (widths[j] >> 5) & 3, at = outl[j];
       uint32_t z = 0;
-      for (int b = 0; b < ((widths[j] >> 5) & 3); ++b) z |= static_cast<uint32_t>(outliers[outl[j] + b]) << (8 * b);
-      q = static_cast<uint32_t>(unzigzag(z));
+      for (uint32_t i = 0; i < k; ++i) z |= static_cast<uint32_t>(outliers[at + i]) << (8 * i);
+      outl[j] = static_cast<uint32_t>(unzigzag(z));
     }
-    if (h.mode != kFixed) {
-      for (int o = 1; o < 32; o <<= 1) {
-        const uint32_t up = __shfl_up_sync(kFull, q, o);
-        if (lane >= o) q += up;
-      }
-    }
-    if (j * kBlockValues + lane < a.n) {
-      page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q)), h.step));
-    }
+    __syncthreads();
+  }
+  const DecodeSource source{widths, words, outl,
+                            reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4)), B};
+  const PageGeometry g = geometry_s;
+  switch (h.mode) {
+    case kFixed:
+      decode_page<Code, kFixed>(source, g, page, h.step, a.n);
+      break;
+    case kPlain:
+      decode_page<Code, kPlain>(source, g, page, h.step, a.n);
+      break;
+    default:
+      decode_page<Code, kOutlier>(source, g, page, h.step, a.n);
   }
   __syncthreads();
   if (g.padded) {

@@ -16,12 +16,15 @@ def main() -> None:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for mode in CodecMode:
             base = torch.randn(64, 1031, generator=g).cumsum(1).to(dtype).cuda()
-            # Aligned rows padded in shared memory, unaligned rows, odd page sizes.
-            for pages in (base[:, :1024].contiguous(), base[:, :1024], base[:, 1:1000]):
+            # Aligned rows padded in shared memory, unaligned rows, odd page sizes; rows
+            # that divide the decoder's 256 positions a pass (8, 1) and rows that do not
+            # (48), which take different block loops.
+            for pages, rows in ((base[:, :1024].contiguous(), 8), (base[:, :1024], 8),
+                                (base[:, 1:1000], 1), (base[:, :960].contiguous(), 48)):
                 n = pages.shape[1]
                 ids = torch.arange(64, device="cuda")
                 ids[5] = 1000
-                c = compress_pages(pages, ids, CodecConfig(1e-2, True, mode, 8 if n == 1024 else 1))
+                c = compress_pages(pages, ids, CodecConfig(1e-2, True, mode, rows))
                 dst = torch.empty(64, n, dtype=dtype, device="cuda")
                 decompress_pages(c, dst, torch.arange(64))
                 used = c.used_bytes()

@@ -103,6 +103,30 @@ def test_block_counts_that_split_unevenly_over_warps(dtype, mode, n, rows, align
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("tokens,channels,rows", [(16, 1024, 16), (16, 1024, 1), (16, 46, 16),
+                                                  (48, 96, 48), (5, 96, 5)])
+def test_decode_matches_cpu_in_every_mode(dtype, mode, tokens, channels, rows):
+    """The decoder's block loop in each mode: every warp decodes two blocks at a time
+    and fetches the next two ahead, past the last block too (23 and 15 blocks leave
+    warps with half a pair); rows dividing the CTA's 256 positions (1, 16) take a
+    loop whose cursor never wraps, rows 48 and 5 the one that does. Full-size KV
+    pages (16 x 1024) and raw pages among them, decoded into scattered pages."""
+    pages = torch.cat([kv_like(9, tokens, channels, dtype, seed=tokens + channels),
+                       adversarial(7, tokens * channels, dtype, seed=rows)])
+    ids = torch.randperm(16, generator=torch.Generator().manual_seed(rows))
+    cpu, gpu = both_devices(pages, ids, CodecConfig(1e-2, True, mode, rows))
+    assert_same_stream(cpu, gpu)
+    targets = torch.randperm(16, generator=torch.Generator().manual_seed(channels))
+    expected = torch.zeros_like(pages)
+    assert (decompress_pages(cpu, expected, targets) == DecodeStatus.OK).all()
+    dst = torch.zeros_like(pages).cuda()
+    assert (decompress_pages(gpu, dst, targets.cuda()) == DecodeStatus.OK).all()
+    # Bit equality: the raw pages carry NaN, which compares unequal to itself.
+    assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [2, 3, 8, 32, 48, 96, 6144])
 @pytest.mark.parametrize("aligned", [True, False])
 def test_every_stream_order_and_alignment_matches_cpu(dtype, rows, aligned):

@@ -3,7 +3,9 @@ streams on the GPU host): round trips within the bound, exact raw fallback,
 and damaged blocks reported as load errors instead of being written back. Store
 tests run both ways a chunk's records reach the arena: through arena-shaped slots
 and one copy per run of adjacent ranges (``dma``), and the segment-copy kernel
-straight into the arena (``kernel``)."""
+straight into the arena (``kernel``). Load tests run both ways a chunk's records
+reach GPU staging: one copy per run of blocks lying together in the arena
+(``dma``), and the segment-copy kernel (``kernel``)."""
 
 import numpy as np
 import pytest
@@ -19,8 +21,11 @@ from vllm_kvcompress.codec import CodecConfig, CodecMode
 from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
 from vllm_kvcompress.offload.worker import (
     MAX_DMA_RUNS,
+    MAX_LOAD_DMA_RUNS,
     CompressedOffloadingWorker,
+    _LoadPlan,
     _plan_chunk,
+    _plan_load,
     make_page_layout,
 )
 
@@ -52,11 +57,13 @@ def canonical(caches: list[torch.Tensor]) -> CanonicalKVCaches:
 
 def make_worker(caches: list[torch.Tensor], codec: CodecConfig = CodecConfig(),
                 arena_bytes: int = 1 << 22, staging_bytes: int = 1 << 20,
-                copy: str = "dma") -> CompressedOffloadingWorker:
+                copy: str = "dma", load_copy: str = "dma") -> CompressedOffloadingWorker:
     worker = CompressedOffloadingWorker(canonical(caches), caches[0].dtype, PAGE_ELEMS, codec,
                                         arena_bytes, staging_bytes=staging_bytes)
     if copy == "kernel":
         worker.max_dma_runs = 0
+    if load_copy == "kernel":
+        worker.max_load_dma_runs = 0
     return worker
 
 
@@ -65,6 +72,7 @@ def store(worker: CompressedOffloadingWorker, job_id: int, blocks: list[int],
     src = GPULoadStoreSpec(blocks, group_sizes=[len(blocks)], block_indices=[0])
     dst = ArenaLoadStoreSpec(offsets, [worker.reserve_bytes(0)] * len(offsets))
     assert worker.submit_store(job_id, src, dst)
+    worker.wait({job_id})
     results = worker.get_finished()
     assert [r.job_id for r in results] == [job_id] and results[0].success
     return worker.store_reports.pop(job_id)
@@ -75,6 +83,7 @@ def load(worker: CompressedOffloadingWorker, job_id: int, offsets: list[int],
     src = ArenaLoadStoreSpec(offsets, [worker.reserve_bytes(0)] * len(offsets))
     dst = GPULoadStoreSpec(blocks, group_sizes=[len(blocks)], block_indices=[0])
     assert worker.submit_load(job_id, src, dst)
+    worker.wait({job_id})
     assert [r.job_id for r in worker.get_finished()] == [job_id]
     errors, worker.failed_load_block_ids = worker.failed_load_block_ids, set()
     return errors
@@ -95,13 +104,15 @@ def assert_reloads_every_block(worker: CompressedOffloadingWorker, job_id: int,
         assert torch.allclose(c.float(), o.float(), atol=0.1)
 
 
+@pytest.mark.parametrize("load_copy", COPIES)
 @pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mode", list(CodecMode))
-def test_round_trip_within_bound(dtype: torch.dtype, mode: CodecMode, copy: str) -> None:
+def test_round_trip_within_bound(dtype: torch.dtype, mode: CodecMode, copy: str,
+                                 load_copy: str) -> None:
     caches = make_kv(dtype)
     original = [c.clone() for c in caches]
-    worker = make_worker(caches, CodecConfig(1e-2, True, mode), copy=copy)
+    worker = make_worker(caches, CodecConfig(1e-2, True, mode), copy=copy, load_copy=load_copy)
     offsets = reserve_offsets(worker, 3)
     reports = store(worker, 0, [1, 4, 7], offsets)
     raw = sum(c[0].numel() * c.element_size() for c in caches)
@@ -130,7 +141,8 @@ def test_one_page_per_layer_k_and_v() -> None:
 def test_large_jobs_run_in_chunks_through_small_staging(copy: str) -> None:
     caches = make_kv(torch.float16)
     original = [c.clone() for c in caches]
-    worker = make_worker(caches, staging_bytes=worker_block_bytes(caches), copy=copy)
+    worker = make_worker(caches, staging_bytes=worker_block_bytes(caches), copy=copy,
+                         load_copy=copy)
     blocks = list(range(NUM_BLOCKS))
     offsets = reserve_offsets(worker, NUM_BLOCKS)
     store(worker, 0, blocks, offsets)
@@ -146,7 +158,8 @@ def test_staging_is_taken_at_start_and_reused() -> None:
     buffers = {store: (buf.data_ptr(), buf.numel())
                for store, buf in worker._staging_buffers.items()}
     assert buffers[True][1] == 2 * 3 * worst, "3 blocks' records, and their slots"
-    assert buffers[False][1] == 4 * worst + worst // 2, "staging_bytes and one block"
+    assert buffers[False][1] == 3 * worst + worst // 2 + 2 * worst, (
+        "staging_bytes split into two halves, and one block in each")
     offsets = reserve_offsets(worker, NUM_BLOCKS)
     store(worker, 0, list(range(NUM_BLOCKS)), offsets)
     assert load(worker, 1, offsets, list(range(NUM_BLOCKS))) == set()
@@ -201,7 +214,9 @@ def test_one_codec_launch_per_chunk_covers_every_layer(
     reports = store(worker, 0, list(range(NUM_BLOCKS)), offsets)
     assert load(worker, 1, offsets, list(range(NUM_BLOCKS))) == set()
     stored = np.array([reports[o][0] for o in offsets])
-    load_chunks = len(np.unique((np.cumsum(stored) - stored) // staging))
+    # Worst-case ranges leave gaps wider than a block's records: each block is a run
+    # of its own, staged without its gap, in chunks of half the staging.
+    load_chunks = len(np.unique((np.cumsum(stored) - stored) // (staging // 2)))
     assert calls == {"compress": -(-NUM_BLOCKS // blocks_per_chunk), "decompress": load_chunks}
     assert load_chunks < calls["compress"] or blocks_per_chunk == NUM_BLOCKS
 
@@ -290,10 +305,11 @@ def test_bound_finer_than_the_dtype_stores_raw_counts_and_warns(
         assert torch.equal(c[[3, 6]].view(torch.int16), o[[3, 6]].view(torch.int16))
 
 
+@pytest.mark.parametrize("load_copy", COPIES)
 @pytest.mark.parametrize("where", ["header", "payload", "last_byte"])
-def test_damaged_block_is_a_load_error_not_wrong_kv(where: str) -> None:
+def test_damaged_block_is_a_load_error_not_wrong_kv(where: str, load_copy: str) -> None:
     caches = make_kv(torch.bfloat16)
-    worker = make_worker(caches)
+    worker = make_worker(caches, load_copy=load_copy)
     offsets = reserve_offsets(worker, 3)
     reports = store(worker, 0, [0, 1, 2], offsets)
     victim = offsets[1]
@@ -314,9 +330,10 @@ def test_damaged_block_is_a_load_error_not_wrong_kv(where: str) -> None:
         assert (c[5] != 7.0).any() and (c[7] != 7.0).any()
 
 
-def test_unknown_offset_is_a_load_error() -> None:
+@pytest.mark.parametrize("load_copy", COPIES)
+def test_unknown_offset_is_a_load_error(load_copy: str) -> None:
     caches = make_kv(torch.bfloat16)
-    worker = make_worker(caches)
+    worker = make_worker(caches, load_copy=load_copy)
     offsets = reserve_offsets(worker, 1)
     store(worker, 0, [0], offsets)
     assert load(worker, 1, [offsets[0] + 16], [3]) == {3}
@@ -365,10 +382,11 @@ def test_store_report_checksum_sums_the_record_headers_in_the_arena(copy: str) -
     assert reports[offsets[0]][1] == 1 and reports[offsets[1]][1] == 0
 
 
-def test_load_of_known_and_unknown_blocks_restores_the_known_ones() -> None:
+@pytest.mark.parametrize("load_copy", COPIES)
+def test_load_of_known_and_unknown_blocks_restores_the_known_ones(load_copy: str) -> None:
     caches = make_kv(torch.float16)
     original = [c.clone() for c in caches]
-    worker = make_worker(caches)
+    worker = make_worker(caches, load_copy=load_copy)
     offsets = reserve_offsets(worker, 2)
     store(worker, 0, [1, 2], offsets)
     for c in caches:
@@ -431,6 +449,7 @@ def store_ranges(worker: CompressedOffloadingWorker, job_id: int, blocks: list[i
                  offsets: list[int], reserved: list[int]) -> dict[int, tuple[int, int, int]]:
     src = GPULoadStoreSpec(blocks, group_sizes=[len(blocks)], block_indices=[0])
     assert worker.submit_store(job_id, src, ArenaLoadStoreSpec(offsets, reserved))
+    worker.wait({job_id})
     worker.get_finished()
     return worker.store_reports.pop(job_id)
 
@@ -525,6 +544,160 @@ def test_chunk_of_more_runs_than_the_threshold_takes_the_kernel(
     assert all(reports[o][0] > 0 for o in offsets)
     assert (outside_ranges(worker, offsets, reserved) == 0xA5).all()
     assert_reloads_every_block(worker, 1, caches, original, offsets)
+
+
+def test_load_plan_stages_runs_with_their_gaps_back_to_back() -> None:
+    offsets = np.array([1000, 1032, 1112, 1104, 5000, 5064, 9000, 1168, 1200])
+    totals = np.array([32, 64, 48, 16, 48, 32, 64, 32, 16])
+    plan = _plan_load(offsets, totals, arena_bytes=8192, chunk_bytes=1 << 20, max_runs=8)
+    # runs: 0 1 2 (adjacent, then a 16-byte gap); 3 starts before 2's records end; 4
+    # lies 3880 bytes past 3, more than the largest block (64), 5 16 bytes past 4; 6
+    # runs past the arena's end (no run, no copy); 7 starts a run after it, and 8
+    # follows 7 with no gap
+    assert plan.inside.tolist() == [True] * 6 + [False, True, True]
+    assert [c.runs for c in plan.chunks] == [[
+        (1000, 0, 160), (1104, 160, 16), (5000, 176, 96), (1168, 336, 48)]]
+    assert plan.seg.tolist() == [0, 32, 112, 160, 176, 240, 272, 336, 368]
+    kernel = _plan_load(offsets, totals, arena_bytes=8192, chunk_bytes=1 << 20, max_runs=3)
+    assert [c.runs for c in kernel.chunks] == [None] and kernel.seg.tolist() == plan.seg.tolist()
+    # Chunks of 96 staged bytes: blocks 0-1, 2-4, 5-6, 7-8. A chunk starts a run
+    # afresh and its last block ends one, whose gap stays out of staging (1, 4).
+    small = _plan_load(offsets, totals, arena_bytes=8192, chunk_bytes=96, max_runs=8)
+    assert [(c.lo, c.hi, c.runs) for c in small.chunks] == [
+        (0, 2, [(1000, 0, 96)]),
+        (2, 5, [(1112, 0, 48), (1104, 48, 16), (5000, 64, 48)]),
+        (5, 7, [(5064, 0, 32)]),
+        (7, 9, [(1168, 0, 48)])]
+    assert small.seg.tolist() == [0, 32, 0, 48, 64, 0, 32, 0, 32]
+
+
+def captured_load_plans(monkeypatch: pytest.MonkeyPatch) -> list[_LoadPlan]:
+    """Records the plan of each group's load."""
+    from vllm_kvcompress.offload import worker as worker_module
+
+    plans: list[_LoadPlan] = []
+
+    def plan(*args: object) -> _LoadPlan:
+        plans.append(worker_module._plan_load.__wrapped__(*args))
+        return plans[-1]
+
+    plan.__wrapped__ = worker_module._plan_load
+    monkeypatch.setattr(worker_module, "_plan_load", plan)
+    return plans
+
+
+def store_laid_out(worker: CompressedOffloadingWorker, layout: list[int | None], tails: int,
+                   gap: int, holes: dict[int, int] | None = None) -> tuple[list[int], list[int]]:
+    """Stores every block at the places ``layout`` gives, in arena order (``None``: a
+    ``gap``-byte hole; ``holes``: bytes left free after a block's reservation), each
+    reservation its block's size plus up to ``tails`` bytes, as the scheduler sizes
+    them after a first store; returns the offsets and the blocks' sizes."""
+    needed = [r[0] for r in store(worker, 0, list(range(NUM_BLOCKS)),
+                                  reserve_offsets(worker, NUM_BLOCKS)).values()]
+    reserved = [n + 16 * (i % (tails // 16 + 1)) for i, n in enumerate(needed)]
+    offsets, at = [0] * NUM_BLOCKS, 4096
+    for i in layout:
+        if i is None:
+            at += gap
+        else:
+            offsets[i] = at
+            at += reserved[i] + (holes or {}).get(i, 0)
+    worker.arena.fill_(0xA5)
+    reports = store_ranges(worker, 1, list(range(NUM_BLOCKS)), offsets, reserved)
+    assert [reports[o][0] for o in offsets] == needed
+    return offsets, needed
+
+
+def assert_loaded(caches: list[torch.Tensor], original: list[torch.Tensor], src: list[int],
+                  dst: list[int], fill: float) -> None:
+    """Each ``dst`` block holds its ``src`` block within the bound (1e-2 of each
+    page's range); every other block still holds ``fill``."""
+    for layer, (c, o) in enumerate(zip(caches, original)):
+        for s, d in zip(src, dst):
+            for kv in range(2):
+                x, y = o[s, kv].double(), c[d, kv].double()
+                assert (y - x).abs().max().item() <= 1e-2 * (x.max() - x.min()).item(), (
+                    layer, s, d, kv)
+        assert (c[[b for b in range(NUM_BLOCKS) if b not in dst]] == fill).all()
+
+
+@pytest.mark.parametrize("load_copy", COPIES)
+def test_load_of_blocks_spread_over_runs_with_gaps_and_out_of_order(
+        monkeypatch: pytest.MonkeyPatch, load_copy: str) -> None:
+    """After eviction a prompt's blocks lie in several runs, with reservation tails
+    and small holes inside runs and wide holes between them, not in the load's
+    order. Each run crosses PCIe with its gaps in one copy; every block comes back
+    within the bound into its own GPU block, and no other block changes."""
+    caches = make_kv(torch.bfloat16)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches, CodecConfig(1e-2, True), load_copy=load_copy)
+    wide = 4 * worker.reserve_bytes(0)
+    # In the arena: 0 1 2, hole, 3, hole, 4 5 (a 48-byte hole) 6, hole, 7 9 8.
+    offsets, needed = store_laid_out(
+        worker, [0, 1, 2, None, 3, None, 4, 5, 6, None, 7, 9, 8], tails=32, gap=wide,
+        holes={5: 48})
+    plans = captured_load_plans(monkeypatch)
+    # Loaded as 4 5 6 | 0 1 | 9 8 | 3: four runs, the first two out of the arena's
+    # order, the third against the blocks' order; 2 and 7 are not loaded.
+    src = [4, 5, 6, 0, 1, 9, 8, 3]
+    dst = [1, 3, 5, 7, 9, 0, 2, 4]
+    for c in caches:
+        c.fill_(7.0)
+    assert load(worker, 2, [offsets[b] for b in src], dst) == set()
+    assert_loaded(caches, original, src, dst, 7.0)
+    (plan,) = plans
+    if load_copy == "kernel":
+        assert [c.runs for c in plan.chunks] == [None]
+        return
+    spans = [(offsets[4], offsets[6] + needed[6] - offsets[4]),
+             (offsets[0], offsets[1] + needed[1] - offsets[0]),
+             (offsets[9], offsets[8] + needed[8] - offsets[9]),
+             (offsets[3], needed[3])]
+    (chunk,) = plan.chunks
+    assert [(at, nbytes) for at, _, nbytes in chunk.runs] == spans
+    assert spans[0][1] > needed[4] + needed[5] + needed[6], "the gaps travel with the run"
+
+
+@pytest.mark.parametrize("gaps", [MAX_LOAD_DMA_RUNS - 1, MAX_LOAD_DMA_RUNS])
+def test_load_chunk_of_more_runs_than_the_threshold_takes_the_kernel(
+        monkeypatch: pytest.MonkeyPatch, gaps: int) -> None:
+    """A load chunk whose blocks lie in more than MAX_LOAD_DMA_RUNS runs is copied
+    by the segment-copy kernel, and still comes back whole."""
+    caches = make_kv(torch.bfloat16)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches, CodecConfig(1e-2, True))
+    layout: list[int | None] = []
+    for i in range(NUM_BLOCKS):
+        layout += [i] if i >= gaps else [i, None]
+    offsets, _ = store_laid_out(worker, layout, tails=0, gap=4 * worker.reserve_bytes(0))
+    plans = captured_load_plans(monkeypatch)
+    for c in caches:
+        c.fill_(7.0)
+    blocks = list(range(NUM_BLOCKS))
+    assert load(worker, 2, offsets, blocks[::-1]) == set()
+    assert_loaded(caches, original, blocks, blocks[::-1], 7.0)
+    (chunk,) = plans[0].chunks
+    if gaps + 1 > MAX_LOAD_DMA_RUNS:
+        assert chunk.runs is None
+    else:
+        assert chunk.runs is not None and len(chunk.runs) == gaps + 1
+
+
+@pytest.mark.parametrize("load_copy", COPIES)
+def test_load_of_a_range_outside_the_arena_fails_its_block_unwritten(load_copy: str) -> None:
+    """A block whose recorded range runs past the arena's end is copied by neither
+    way and not decoded; its block fails and keeps what it held, the others load."""
+    caches = make_kv(torch.bfloat16)
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches, arena_bytes=1 << 16, load_copy=load_copy)
+    offsets = reserve_offsets(worker, 2)
+    store(worker, 0, [0, 1], offsets)
+    past_end = worker.arena.numel() - 16
+    worker._records[past_end] = worker._records[offsets[1]]
+    for c in caches:
+        c.fill_(7.0)
+    assert load(worker, 1, [offsets[0], past_end, offsets[1]], [4, 5, 6]) == {5}
+    assert_loaded(caches, original, [0, 1], [4, 6], 7.0)
 
 
 def test_blocks_overwritten_by_later_stores_leave_the_worker_table() -> None:

@@ -1,7 +1,8 @@
 """The worker on a CUDA device: its side streams, the copy engines writing the pinned
-arena (one copy per run of reservations) and the reused pinned upload buffers. The
-CPU tests (test_compressed_worker.py) cover the logic; these check what only a GPU
-runs, with the model's stream busy as it is beside a prefill."""
+arena (one copy per run of reservations) and reading it back into two staging halves
+while the other half decodes, and the reused pinned upload buffers. The CPU tests
+(test_compressed_worker.py) cover the logic; these check what only a GPU runs, with
+the model's stream busy as it is beside a prefill."""
 
 import numpy as np
 import pytest
@@ -10,9 +11,12 @@ import torch
 from tests.offload.test_compressed_worker import (
     COPIES,
     NUM_BLOCKS,
+    assert_loaded,
+    captured_load_plans,
     make_kv,
     make_worker,
     reserve_offsets,
+    store_laid_out,
 )
 from vllm.v1.kv_offload.base import GPULoadStoreSpec
 from vllm_kvcompress.codec import CodecConfig
@@ -74,3 +78,38 @@ def test_stores_and_loads_round_trip_beside_a_busy_model_stream(copy: str) -> No
             for kv in range(2):
                 x, y = o[block, kv].double(), c[block, kv].double()
                 assert (y - x).abs().max().item() <= 1e-2 * (x.max() - x.min()).item()
+
+
+@pytest.mark.parametrize("load_copy", COPIES)
+def test_multi_chunk_loads_round_trip_through_both_staging_halves(
+        monkeypatch: pytest.MonkeyPatch, load_copy: str) -> None:
+    """Staging of one worst-case block makes chunks of one or two compressed blocks,
+    so each of two loads of five blocks runs in several chunks and each staging half
+    is reused, the copy of one chunk racing the decode of the one before. The loads
+    are queued back to back, so the second's first copies also wait on the first's
+    last decodes; both are checked once their end events have fired."""
+    caches = [c.cuda() for c in make_kv(torch.bfloat16)]
+    original = [c.clone() for c in caches]
+    worker = make_worker(caches, CodecConfig(1e-2, True), load_copy=load_copy,
+                         staging_bytes=make_worker(caches).reserve_bytes(0))
+    # One run of reservations with tails, as after the scheduler's first store, laid
+    # out against the blocks' order.
+    blocks = list(range(NUM_BLOCKS))
+    offsets, _ = store_laid_out(worker, blocks[::-1], tails=32, gap=0)
+    plans = captured_load_plans(monkeypatch)
+    for c in caches:
+        c.fill_(7.0)
+    half = NUM_BLOCKS // 2
+    for job, part in enumerate([blocks[:half], blocks[half:]], start=2):
+        torch.cuda._sleep(BUSY_CYCLES)  # the model's stream; a load does not wait for it
+        src = ArenaLoadStoreSpec([offsets[b] for b in part], [0] * half)
+        dst = GPULoadStoreSpec([NUM_BLOCKS - 1 - b for b in part], group_sizes=[half],
+                               block_indices=[0])
+        assert worker.submit_load(job, src, dst)
+    worker.wait({2, 3})
+    assert sorted(r.job_id for r in worker.get_finished()) == [2, 3]
+    assert worker.failed_load_block_ids == set()
+    assert all(len(plan.chunks) > 2 for plan in plans), "each half is used twice"
+    assert all((c.runs is None) == (load_copy == "kernel") for p in plans for c in p.chunks)
+    assert_loaded([c.cpu() for c in caches], [o.cpu() for o in original], blocks,
+                  blocks[::-1], 7.0)

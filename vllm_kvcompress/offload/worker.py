@@ -12,11 +12,15 @@ that :meth:`CompressedOffloadingWorker.get_finished` reads once the job's event
 has fired, and the per-block sizes, raw-page counts and checksums are worked out
 from it on the host; nothing here waits on the model's stream.
 
-Load: the block's records are copied from the arena into a GPU staging buffer and
-decompressed straight into the destination blocks of the paged KV cache. A page
-that fails its checks (bad magic, checksum, sizes) is not written; its GPU block
-is reported as a load error, so vLLM recomputes it, and its arena offset goes back
-to the scheduler, which drops the damaged block.
+Load: a chunk's blocks are copied from the arena into one half of a GPU staging
+buffer and decompressed from there straight into the destination blocks of the
+paged KV cache. The copy engines move each run of blocks lying together in the
+arena with one copy (gaps and all), on a copy stream of their own, so the next
+chunk crosses PCIe into the other half while this one decodes; where the blocks are
+scattered over too many runs, the segment-copy kernel copies each block's records
+instead. A page that fails its checks (bad magic, checksum, sizes) is not written;
+its GPU block is reported as a load error, so vLLM recomputes it, and its arena
+offset goes back to the scheduler, which drops the damaged block.
 
 The worker remembers each stored block's record sizes (keyed by arena offset) in
 host memory, so that a load needs no header parsing and no device round trip to
@@ -51,6 +55,7 @@ from vllm_kvcompress.codec import (
     record_bound,
 )
 from vllm_kvcompress.logger import init_logger
+from vllm_kvcompress.offload.arena_allocator import align_up
 from vllm_kvcompress.offload.manager import ArenaLoadStoreSpec
 
 logger = init_logger(__name__)
@@ -67,6 +72,11 @@ DEFAULT_STAGING_BYTES = 64 << 20
 # an H100): about where the kernel becomes the faster one. Below that the copy
 # engines win, and they leave the SMs to the model's kernels.
 MAX_DMA_RUNS = 8
+# A load chunk goes from the arena to staging by the copy engines when its blocks
+# form at most this many runs, else by the segment-copy kernel: the same trade as a
+# store's (a fixed cost per copy against the kernel's SM-bound PCIe read), not yet
+# measured apart for loads.
+MAX_LOAD_DMA_RUNS = MAX_DMA_RUNS
 _CHECKSUM_BYTE = 28  # of a record's header (docs/format.md)
 _RAW_REASONS = (CompressStatus.RAW_NON_FINITE, CompressStatus.RAW_BOUND_UNATTAINABLE,
                 CompressStatus.RAW_NO_GAIN)
@@ -140,6 +150,20 @@ class _Device:
         event = torch.cuda.Event(enable_timing=True)
         event.record(stream)
         return event
+
+    def mark(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        """An event after ``stream``'s work so far, for another stream to wait on."""
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    @staticmethod
+    def wait(stream: torch.cuda.Stream | None, event: torch.cuda.Event | None) -> None:
+        """Holds ``stream``'s later work until ``event`` has fired; the host goes on."""
+        if stream is not None and event is not None:
+            stream.wait_event(event)
 
     def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda)
@@ -299,17 +323,32 @@ class CompressedOffloadingWorker(OffloadingWorker):
                             if self.compressible else [])
         self.arena = self._dev.host_buffer((arena_bytes,), torch.uint8)
         self._staging_bytes = staging_bytes
-        # The benchmark sets 0 to time the segment-copy kernel on the same stores.
+        # The benchmark sets these to 0 to time the segment-copy kernel on the same
+        # stores and loads.
         self.max_dma_runs = MAX_DMA_RUNS
+        self.max_load_dma_runs = MAX_LOAD_DMA_RUNS
         self._store_stream = self._dev.new_stream()
+        # A load decodes on the load stream while its next chunk is copied into the
+        # other staging half on the copy stream.
         self._load_stream = self._dev.new_stream()
+        self._load_copy_stream = self._dev.new_stream()
+        # A load chunk spans at most this many staged bytes (16-aligned, so that both
+        # halves, and the records in them, start 16-aligned).
+        self._load_chunk_bytes = align_up(max(staging_bytes // 2, 1))
+        # Per staging half: which half the next load chunk takes (chunks alternate
+        # across groups and jobs too), and the load stream's event after the last
+        # decode that read each half, which a copy into that half must wait for.
+        self._next_half = 0
+        self._half_read: list[torch.cuda.Event | None] = [None, None]
         self._uploads = ({store: _PinnedUpload(device) for store in (True, False)}
                          if self._dev.is_cuda else None)
         # GPU staging per direction (True = store), taken now at the size the chunks
         # use, so that no store or load fails later for GPU memory vLLM's profiler
-        # never saw; it grows only for a single block larger than staging_bytes.
-        # Each is allocated on the stream that uses it, as a grown one is, so the
-        # caching allocator never hands it to other work while that stream reads it.
+        # never saw; the store's grows only for a single block larger than
+        # staging_bytes, the load's never (its halves hold any chunk). Each is
+        # allocated on the stream that uses it, as a grown one is, so the caching
+        # allocator never hands it to other work while that stream reads it; the
+        # load's copy stream writes its halves, but they are never freed.
         self._staging_buffers = {}
         for store, nbytes in self._staging_sizes().items():
             with _on(self._store_stream if store else self._load_stream):
@@ -333,14 +372,18 @@ class CompressedOffloadingWorker(OffloadingWorker):
     def _staging_sizes(self) -> dict[bool, int]:
         """Staging bytes per direction: a store chunk holds as many worst-case blocks
         as fit in staging_bytes, twice (the codec's output, then the slots laid out
-        like the arena); a load chunk takes the blocks that start within the next
-        staging_bytes of records, so it may end one block past them. Blocks stored
-        raw need none."""
+        like the arena). A load's staging is two halves that take turns, so the same
+        budget is split between them rather than doubled: a load chunk takes the
+        blocks that start within the next staging_bytes / 2 of staged span, so each
+        half is that plus one worst-case block, which the chunk's last block may run
+        past it (64 MiB and two blocks in all by default). Blocks stored raw need
+        none."""
         if not self.compressible:
             return {True: 0, False: 0}
         groups = range(len(self.group_tensors))
         store = max(2 * self._store_region(g) for g in groups)
-        return {True: store, False: self._staging_bytes + max(map(self.reserve_bytes, groups))}
+        half = self._load_chunk_bytes + max(map(self.reserve_bytes, groups))
+        return {True: store, False: 2 * half}
 
     def _store_chunk_blocks(self, group: int) -> int:
         """Blocks of ``group`` per store chunk: as many worst cases as staging_bytes
@@ -402,6 +445,9 @@ class CompressedOffloadingWorker(OffloadingWorker):
             start = self._dev.event(stream)
             batches = [self._load_group(group, block_ids, offsets)
                        for group, block_ids, offsets, _ in self._groups(dst_spec, src_spec)]
+            # The load stream has waited for each chunk's copy before decoding it, so
+            # this event covers the copy stream's work too: once it fires, the KV
+            # cache is written and the report buffers are filled.
             end = self._dev.event(stream)
         loaded = sum(batch.nbytes for batch in batches)
 
@@ -477,7 +523,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         lengths = torch.empty(n, dtype=torch.int64, device=device)
         status = torch.empty(n, dtype=torch.int32, device=device)
         worst = self.reserve_bytes(group)
-        staging = self._staging(2 * region, store=True)
+        staging = self._store_staging(2 * region)
         records, slots = staging[:region], staging[region:]
         for lo, plan in zip(range(0, n, step), plans):
             hi = min(lo + step, n)
@@ -677,32 +723,58 @@ class CompressedOffloadingWorker(OffloadingWorker):
             batch.copy_status = self._to_host(self._load_raw(tensors, both[:m], both[m:]))
             return batch
         totals = sizes.sum(1)
-        ends = np.cumsum(totals)
-        begins = ends - totals
-        # Chunks by the bytes actually stored, so the staging buffer holds as many
-        # compressed blocks as fit.
-        chunk = begins // self._staging_bytes
-        firsts = np.flatnonzero(np.diff(chunk, prepend=-1))
-        seg_starts = begins - begins[firsts][np.searchsorted(firsts, np.arange(m), "right") - 1]
-        rec_starts = seg_starts[:, None] + np.cumsum(sizes, 1) - sizes
+        plan = _plan_load(offsets[present], totals, self.arena.numel(), self._load_chunk_bytes,
+                          self.max_load_dma_runs)
+        # Each page's record in its chunk's staging half. A block outside the arena is
+        # copied by no run and points the decoder at no record (-1): its pages fail
+        # unwritten (BAD_RECORD) rather than decode whatever the half held before.
+        rec_starts = plan.seg[:, None] + np.cumsum(sizes, 1) - sizes
+        rec_starts[~plan.inside] = -1
         packed = self._to_device(np.concatenate([
-            block_ids[present], offsets[present], seg_starts, totals,
+            block_ids[present], offsets[present], plan.seg, totals,
             np.stack([rec_starts, sizes], 2).ravel()]), store=False)
         ids, src, seg, tot = (packed[i * m:(i + 1) * m] for i in range(4))
         records = packed[4 * m:].view(m, per_block, 2)
         page_ids = self._page_ids(group, ids)
         views = [self.layouts[t].pages for t in tensors]
-        copy_status = torch.empty((1, m), dtype=torch.int32, device=device)
+        # Zeros for the chunks the copy engines copy; the kernel writes its own.
+        copy_status = torch.zeros((1, m), dtype=torch.int32, device=device)
         page_status = torch.empty((m, per_block), dtype=torch.int32, device=device)
-        for lo, hi in zip(firsts.tolist(), [*firsts[1:].tolist(), m]):
-            staging = self._staging(int(ends[hi - 1] - begins[lo]), store=False)
-            with _nvtx("kvcompress.copy"):
-                ops.copy_segments(self.arena, src[lo:hi], staging, seg[lo:hi], tot[lo:hi],
-                                  copy_status[0, lo:hi])
+        buffer = self._staging_buffers[False]
+        halves = (buffer[:buffer.numel() // 2], buffer[buffer.numel() // 2:])
+        load_stream, copy_stream = self._load_stream, self._load_copy_stream
+        # The copies start after the job's start event, so its GPU time covers them,
+        # and after the metadata above has reached the GPU, which the kernel path
+        # reads. Those tensors (and copy_status, which the kernel writes) belong to
+        # the load stream's pool: the caching allocator reuses their memory only for
+        # later work of the load stream, which by then has waited for every copy
+        # below, so they need no record_stream.
+        self._dev.wait(copy_stream, self._dev.mark(load_stream))
+        for chunk in plan.chunks:
+            lo, hi = chunk.lo, chunk.hi
+            half = self._next_half
+            self._next_half ^= 1
+            staging = halves[half][:int(plan.seg[hi - 1] + totals[hi - 1])]
+            with _on(copy_stream), _nvtx("kvcompress.copy"):
+                # The half may still be read by the decode of the chunk before last
+                # (of this job or an earlier one): overwrite it only after that.
+                self._dev.wait(copy_stream, self._half_read[half])
+                if chunk.runs is None:
+                    ops.copy_segments(self.arena, src[lo:hi], staging, seg[lo:hi],
+                                      tot[lo:hi], copy_status[0, lo:hi])
+                else:
+                    for at, into, nbytes in chunk.runs:
+                        staging[into:into + nbytes].copy_(self.arena[at:at + nbytes],
+                                                          non_blocking=True)
+                copied = self._dev.mark(copy_stream)
+            # The decode reads what the copy wrote; the copy of the next chunk, into
+            # the other half, goes on meanwhile.
+            self._dev.wait(load_stream, copied)
             with _nvtx("kvcompress.decompress"):
                 ops.decompress(staging, records[lo:hi].view(-1, 2), views,
                                page_ids[lo * per_block:hi * per_block],
                                page_status[lo:hi].view(-1))
+            self._half_read[half] = self._dev.mark(load_stream)
         batch.copy_status = self._to_host(copy_status)
         batch.page_status = self._to_host(page_status)
         return batch
@@ -738,14 +810,14 @@ class CompressedOffloadingWorker(OffloadingWorker):
         host.copy_(t, non_blocking=True)
         return host
 
-    def _staging(self, nbytes: int, store: bool) -> torch.Tensor:
-        # Grown on the side stream that uses it, so the caching allocator only
+    def _store_staging(self, nbytes: int) -> torch.Tensor:
+        # Grown on the store stream, which uses it, so the caching allocator only
         # recycles the old buffer after that stream's earlier work.
         nbytes = max(nbytes, 16)
-        buf = self._staging_buffers[store]
+        buf = self._staging_buffers[True]
         if buf.numel() < nbytes:
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self._dev.device)
-            self._staging_buffers[store] = buf
+            self._staging_buffers[True] = buf
         return buf[:nbytes]
 
     def _groups(self, gpu_spec: GPULoadStoreSpec, arena_spec: ArenaLoadStoreSpec,
@@ -797,6 +869,82 @@ def _plan_chunk(offsets: np.ndarray, reserved: np.ndarray, inside: np.ndarray,
     runs = list(zip(offsets[starts].tolist(), slots[starts].tolist(),
                     (ends - slots[starts]).tolist()))
     return _ChunkPlan(np.where(inside, slots, -1), runs)
+
+
+@dataclass
+class _LoadChunk:
+    """Blocks ``lo:hi`` of a load, staged together in one staging half."""
+
+    lo: int
+    hi: int
+    # (arena offset, staging offset, bytes) of each copy-engine copy; None: the
+    # segment-copy kernel copies each block's records
+    runs: list[tuple[int, int, int]] | None
+
+
+@dataclass
+class _LoadPlan:
+    """Where a load's blocks go in staging and how they get there."""
+
+    # per block, where its records start in its chunk's staging half
+    seg: np.ndarray
+    # per block, whether its records lie wholly inside the arena
+    inside: np.ndarray
+    chunks: list[_LoadChunk]
+
+
+def _plan_load(offsets: np.ndarray, totals: np.ndarray, arena_bytes: int, chunk_bytes: int,
+               max_runs: int) -> _LoadPlan:
+    """Splits a load's blocks (records of ``totals`` bytes at ``offsets``) into runs
+    that lie together in the arena and into chunks of at most ``chunk_bytes`` of
+    staged span (a chunk's last block may run past that, by at most its records).
+
+    A block continues the previous block's run when it starts at or after that
+    block's records end and at most the load's largest block's records past them.
+    The worker knows the records, not the reservations, so this is what stands for
+    "the next reservation": the scheduler reserves blocks stored together back to
+    back, each 1/8 over the largest recent block, and gives a tail back only where it
+    could hold another block, so the tails left behind records are below about one
+    block's records and reservations made together stay one run. Copying such a gap
+    costs about what one more copy would: a block of an 8192-token prompt (~300 KB)
+    crosses PCIe in ~6 us at the H100's 55 GB/s, and issuing a copy costs the
+    engine's step ~10 us. Wider gaps (a first store's worst-case reservations,
+    blocks stored apart) start a new run.
+
+    Each run's whole span (gaps included) is staged with one copy, the runs of a
+    chunk back to back, so a block's records sit in staging where they sat in the
+    arena relative to its run. The kernel path stages the blocks at the same places,
+    so the decoder's record table does not depend on the way a chunk is copied. A
+    chunk of more than ``max_runs`` runs takes the kernel path; blocks outside the
+    arena join no run and are copied by neither.
+    """
+    n = len(offsets)
+    inside = (offsets >= 0) & (offsets <= arena_bytes - totals)
+    follows = np.zeros(n, dtype=bool)
+    gaps = offsets[1:] - (offsets[:-1] + totals[:-1])
+    follows[1:] = inside[:-1] & inside[1:] & (gaps >= 0) & (gaps <= totals.max())
+    # A block's staged width reaches the next block of its run, else ends with its records.
+    width = totals.copy()
+    width[:-1] = np.where(follows[1:], offsets[1:] - offsets[:-1], totals[:-1])
+    pos = np.cumsum(width) - width
+    chunk = pos // chunk_bytes
+    firsts = np.flatnonzero(np.diff(chunk, prepend=-1))
+    seg = pos - pos[firsts][np.searchsorted(firsts, np.arange(n), "right") - 1]
+    # A chunk's first block starts a run of its own, and its last ends one.
+    follows[firsts] = False
+    begins = inside & ~follows
+    lasts = inside & ~np.append(follows[1:], False)
+    chunks = []
+    for lo, hi in zip(firsts.tolist(), [*firsts[1:].tolist(), n]):
+        starts = lo + np.flatnonzero(begins[lo:hi])
+        if len(starts) > max_runs:
+            chunks.append(_LoadChunk(lo, hi, None))
+            continue
+        ends = lo + np.flatnonzero(lasts[lo:hi])
+        chunks.append(_LoadChunk(lo, hi, list(zip(
+            offsets[starts].tolist(), seg[starts].tolist(),
+            (seg[ends] + totals[ends] - seg[starts]).tolist()))))
+    return _LoadPlan(seg, inside, chunks)
 
 
 def _split_groups(spec: GPULoadStoreSpec, num_groups: int) -> list[np.ndarray]:
