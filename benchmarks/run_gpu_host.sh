@@ -13,6 +13,8 @@
 #       the offload tests on CPU, then the phases e2e (trains the small test Llama
 #       once, end-to-end tests through vLLM on it) and offload (benchmark_offload.py)
 #   bash benchmarks/run_gpu_host.sh worker     # benchmark_worker.py: where an offload's time goes
+#   bash benchmarks/run_gpu_host.sh eviction   # benchmark_eviction.py: a cold prefill's time,
+#       host cache filling vs evicting (scheduler, worker and GPU under one profiler)
 #   bash benchmarks/run_gpu_host.sh profile    # Nsight Compute on one compress and decompress launch
 #   bash benchmarks/run_gpu_host.sh fidelity   # carry .gpu/fidelity: train + evaluate
 #   bash benchmarks/run_gpu_host.sh examples   # carry .gpu/fidelity: examples/ on the test model
@@ -197,6 +199,13 @@ worker() {
   done
 }
 
+eviction() {
+  timeout "${EVICTION_TIMEOUT_S:-300}" python3 benchmarks/benchmark_eviction.py \
+    --out "$OUT/eviction" --enforce-eager > "$OUT/benchmark_eviction.log" 2>&1 \
+    || { status=1; tail -20 "$OUT/benchmark_eviction.log"; }
+  sed -n '/per new prompt/,$p' "$OUT/benchmark_eviction.log" | cut -c1-90 | head -60
+}
+
 # Every example in examples/ on the trained test model, shrunk to its 1024-token
 # context: the offline round trip, the multi-turn demo with a host cache that holds
 # the conversations only compressed, and the server with two client requests.
@@ -257,6 +266,7 @@ for phase in "${@:-build}"; do
     e2e) e2e ;;
     offload) offload ;;
     worker) worker ;;
+    eviction) eviction ;;
     profile) profile ;;
     fidelity) fidelity ;;
     examples) examples ;;
