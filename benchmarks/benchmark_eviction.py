@@ -79,7 +79,10 @@ def trace_plugin(chunks: Counter) -> None:
 
 
 def is_evicting(llm) -> bool:
-    return metrics(llm).get(CompressionMetrics.BLOCKS_EVICTED, 0) > 0
+    """Whether the host cache has dropped blocks it stored: held fewer than stored."""
+    values = metrics(llm)
+    return values.get(CompressionMetrics.BLOCKS_STORED, 0) > values.get(
+        CompressionMetrics.CACHED_BLOCKS, 0)
 
 
 def measure_phase(llm, args: argparse.Namespace, seed: int, chunks: Counter) -> dict[str, Any]:
