@@ -260,6 +260,9 @@ class _StoreBatch:
     pages: torch.Tensor | None
     # record sizes of a block stored raw (one record per tensor)
     raw_sizes: np.ndarray | None
+    # per block, pinned: the sum of its records' header checksums (see
+    # _sum_checksums); None when stored raw
+    checksums: torch.Tensor | None = None
 
 
 @dataclass
@@ -521,6 +524,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         views = [self.layouts[t].pages for t in tensors]
         table = torch.empty((n, per_block, 3), dtype=torch.int64, device=device)
         lengths = torch.empty(n, dtype=torch.int64, device=device)
+        checksums = torch.empty(n, dtype=torch.int64, device=device)
         status = torch.empty(n, dtype=torch.int32, device=device)
         worst = self.reserve_bytes(group)
         staging = self._store_staging(2 * region)
@@ -532,6 +536,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 ops.compress(views, page_ids[lo * per_block:hi * per_block],
                              self.codec.error_bound, self.codec.relative, int(self.codec.mode),
                              self.codec.rows, records[:(hi - lo) * worst], part.view(-1, 3))
+                _sum_checksums(records, part, checksums[lo:hi])
             # A block's records lie together in staging: one segment per block, cut
             # at the reservation's end (an oversized block is then reported, not
             # recorded: its cut copy is never read).
@@ -550,7 +555,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
                     self.arena[at:at + nbytes].copy_(slots[slot:slot + nbytes],
                                                      non_blocking=True)
         return _StoreBatch(offsets, reserved, self._to_host(status[None]),
-                           self._to_host(table), None)
+                           self._to_host(table), None, self._to_host(checksums))
 
     def _store_raw(self, tensors: list[int], block_ids: np.ndarray, offsets: np.ndarray,
                    reserved: np.ndarray) -> _StoreBatch:
@@ -607,8 +612,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
         # and reserves more from then on).
         reported = np.where(ok & ~fits, -needed, needed * (ok & fits))
         ok &= fits
-        checksums = (self._checksums(batch.offsets, sizes, ok) if batch.pages is not None
-                     else np.zeros(n, dtype=np.int64))
+        checksums = (batch.checksums.numpy() & 0xFFFFFFFF) * ok if batch.checksums is not None \
+            else np.zeros(n, dtype=np.int64)
         # This runs on the engine's step thread: whole-array work, and one compact
         # copy of the record sizes whose rows the stored blocks keep.
         offsets = batch.offsets.tolist()
@@ -681,16 +686,6 @@ class CompressedOffloadingWorker(OffloadingWorker):
         new = np.sort(offsets[kept])
         self._record_offsets = np.insert(known, np.searchsorted(known, new), new)
         self._records.update(zip(offsets[kept].tolist(), sizes))
-
-    def _checksums(self, offsets: np.ndarray, sizes: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        """Per block, the sum mod 2^32 of its records' header checksums, read from
-        the arena where the records landed."""
-        # Records start 16-aligned, so each checksum is one aligned 32-bit word.
-        arena = self.arena.numpy()
-        words = arena[:arena.size // 4 * 4].view("<u4")
-        starts = offsets[:, None] + np.cumsum(sizes, 1) - sizes + _CHECKSUM_BYTE
-        starts = np.where(ok[:, None], starts, 0)
-        return (words[starts // 4].sum(1, dtype=np.uint64) & 0xFFFFFFFF).astype(np.int64) * ok
 
     # --- load ---
 
@@ -834,6 +829,21 @@ class CompressedOffloadingWorker(OffloadingWorker):
             first += len(block_ids)
             if len(block_ids):
                 yield group, block_ids, arena_spec.offsets[span], arena_spec.nbytes[span]
+
+
+def _sum_checksums(records: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """Per block of a compressed chunk, the sum (before taking it mod 2^32) of its
+    records' header checksums, gathered from ``records`` (the codec's output) by the
+    ``table`` rows ``(offset, nbytes, status)``, on the device: read from the host
+    arena instead, the 32 scattered words per block missed the CPU's caches and cost
+    the engine's step about 0.7 ms per 512 blocks on the H100 host."""
+    # Records start 16-aligned, so the checksum of the record at offset o is 32-bit
+    # word o / 4 of the buffer from _CHECKSUM_BYTE on. Rows of a page that failed
+    # may hold any offset: clamped, their word is read and then ignored.
+    words = records[_CHECKSUM_BYTE:_CHECKSUM_BYTE + (records.numel() - _CHECKSUM_BYTE) // 4 * 4]
+    words = words.view(torch.int32)
+    at = torch.bitwise_right_shift(table[:, :, 0], 2).clamp_(0, words.numel() - 1)
+    torch.sum(words[at], 1, out=out)
 
 
 @dataclass
