@@ -18,7 +18,7 @@ Not thread-safe; in vLLM it is driven from the scheduler only.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Container, Hashable, Iterator
+from collections.abc import Container, Hashable, Iterable, Iterator
 from typing import NamedTuple, Self
 
 from vllm_kvcompress.logger import init_logger
@@ -113,6 +113,12 @@ class BlockTable:
         self._stored_bytes += record.nbytes
         self._raw_bytes += record.raw_nbytes
 
+    def absent(self, keys: Iterable[Hashable]) -> list[Hashable]:
+        """The ``keys`` not in the table, in order (one scheduler call asks this of
+        every block of a long prompt)."""
+        records = self._records
+        return [key for key in keys if key not in records]
+
     def get(self, key: Hashable) -> BlockRecord | None:
         """The block's record, marking it most recently used; ``None`` if absent."""
         record = self._records.get(key)
@@ -183,7 +189,11 @@ class BlockTable:
                          "blocks", nbytes, len(walked))
             return None
         victims = walked[:count]
-        allocator.free_many([self.remove(key).offset for key in victims])
+        records = self._records
+        removed = [records.pop(key) for key in victims]
+        self._stored_bytes -= sum(r.nbytes for r in removed)
+        self._raw_bytes -= sum(r.raw_nbytes for r in removed)
+        allocator.free_many([r.offset for r in removed])
         logger.debug("evict_for(%d): evicted %d blocks", nbytes, len(victims))
         return victims
 

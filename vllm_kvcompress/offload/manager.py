@@ -19,6 +19,7 @@ LRU over whole blocks and stops as soon as a reservation fits
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from itertools import repeat
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +93,7 @@ class BlockStoreReport:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class _PendingStore:
     offset: int
     reserved: int
@@ -203,7 +204,8 @@ class CompressedCPUOffloadingManager(OffloadingManager):
     @override
     def prepare_store(self, keys: Collection[OffloadKey],
                       req_context: ReqContext) -> PrepareStoreOutput | None:
-        keys_to_store = [k for k in keys if k not in self.table and k not in self._pending]
+        pending = self._pending
+        keys_to_store = [k for k in self.table.absent(keys) if k not in pending]
         if not keys_to_store:
             return PrepareStoreOutput([], ArenaLoadStoreSpec([], []), [])
         size = self.reservation.nbytes
@@ -229,9 +231,10 @@ class CompressedCPUOffloadingManager(OffloadingManager):
                 return None
             offsets = placed
         self._announce_evicted(evicted)
-        for key, offset in zip(keys_to_store, offsets):
-            self._pending[key] = _PendingStore(offset, size)
-            self._track(key, offset)
+        # Per stored block this is the scheduler's cost: whole-list updates.
+        pending.update(zip(keys_to_store, map(_PendingStore, offsets, repeat(size))))
+        self._key_at_offset.update(zip(offsets, keys_to_store))
+        self._offset_of_key.update(zip(keys_to_store, offsets))
         return PrepareStoreOutput(
             keys_to_store=keys_to_store,
             store_spec=ArenaLoadStoreSpec(offsets, [size] * len(offsets)),
@@ -338,14 +341,12 @@ class CompressedCPUOffloadingManager(OffloadingManager):
 
     # --- helpers ---
 
-    def _track(self, key: OffloadKey, offset: int) -> None:
-        self._key_at_offset[offset] = key
-        self._offset_of_key[key] = offset
-
-    def _forget(self, keys: Iterable[OffloadKey]) -> None:
+    def _forget(self, keys: Collection[OffloadKey]) -> None:
+        key_at_offset, offset_of_key = self._key_at_offset, self._offset_of_key
         for key in keys:
-            del self._key_at_offset[self._offset_of_key.pop(key)]
-            self._failed.discard(key)
+            del key_at_offset[offset_of_key.pop(key)]
+        if self._failed:
+            self._failed.difference_update(keys)
 
     def _announce_evicted(self, evicted: list[OffloadKey]) -> None:
         if not evicted:
