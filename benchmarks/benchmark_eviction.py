@@ -50,8 +50,8 @@ TRACED = {
         "lookup", "prepare_store", "_allocate_evicting", "complete_store", "touch",
         "prepare_load", "complete_load", "take_events", "get_stats"),
     worker_module.CompressedOffloadingWorker: (
-        "submit_store", "get_finished", "_collect_store", "_replace_records",
-        "_checksums"),
+        "submit_store", "submit_load", "get_finished", "_collect_store",
+        "_replace_records"),
 }
 
 
