@@ -736,3 +736,26 @@ def test_worker_table_stays_bounded_over_many_reallocations() -> None:
         store_ranges(worker, job, [1, 2, 3], [start + i * size for i in range(3)], [size] * 3)
         assert len(worker._records) <= slots + 3
         assert np.array_equal(worker._record_offsets, np.sort(list(worker._records)))
+
+
+def test_worker_table_matches_a_model_of_the_arena() -> None:
+    """After every store the worker's entries are exactly the blocks whose records no
+    later store's range has overlapped, for ranges of any size at any 16-byte offset,
+    side by side or with gaps, some too small for their block (not kept)."""
+    caches = make_kv(torch.float16)
+    worker = make_worker(caches, arena_bytes=1 << 21)
+    size = worker.reserve_bytes(0)
+    rng = np.random.default_rng(1)
+    model: dict[int, int] = {}  # offset -> bytes of the block's records
+    for job in range(40):
+        count = int(rng.integers(1, 4))
+        room = [int(rng.integers(size // 3, size + 1)) // 16 * 16 for _ in range(count)]
+        gaps = [16 * int(rng.integers(0, 2)) for _ in range(count)]
+        start = int(rng.integers(0, worker.arena.numel() - sum(room) - sum(gaps))) // 16 * 16
+        offsets = list(start + np.cumsum(gaps) + np.cumsum(room) - room)
+        reports = store_ranges(worker, job, list(range(1, count + 1)), offsets, room)
+        for at, nbytes in zip(offsets, room):
+            model = {o: n for o, n in model.items() if o >= at + nbytes or o + n <= at}
+        model.update({o: r[0] for o, r in reports.items() if r[0] > 0})
+        assert {o: int(sizes.sum()) for o, sizes in worker._records.items()} == model
+        assert np.array_equal(worker._record_offsets, np.sort(list(model)))

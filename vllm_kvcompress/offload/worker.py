@@ -360,6 +360,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         # offsets sorted, to find the entries a new store's ranges overwrite
         self._records: dict[int, np.ndarray] = {}
         self._record_offsets = np.empty(0, dtype=np.int64)
+        self._max_reserve_bytes = max(map(self.reserve_bytes, range(len(self.group_tensors))))
         self._jobs: deque[_Job] = deque()
         # Reports for the scheduler, drained by the connector each step:
         # job id -> {arena offset: (bytes written, raw pages, checksum)}; bytes 0 = failed,
@@ -661,31 +662,34 @@ class CompressedOffloadingWorker(OffloadingWorker):
         order = np.argsort(offsets[valid])
         starts = offsets[valid][order]
         ends = starts + np.maximum(reserved[valid][order], 1)
-        # An entry starting inside a range is stale; one starting up to a worst-case
-        # block before it is stale if its records reach into it, which only those
-        # few entries' sizes can tell.
-        reach = max(map(self.reserve_bytes, range(len(self.group_tensors))))
-        inside, near = (np.zeros(len(known) + 1, dtype=np.int64) for _ in range(2))
-        np.add.at(inside, np.searchsorted(known, starts), 1)
-        np.add.at(inside, np.searchsorted(known, ends), -1)
-        np.add.at(near, np.searchsorted(known, starts - reach), 1)
-        np.add.at(near, np.searchsorted(known, starts), -1)
-        in_range = np.cumsum(inside[:-1]) > 0
-        before = known[(np.cumsum(near[:-1]) > 0) & ~in_range]
-        record_ends = before + np.array([int(self._records[o].sum()) for o in before.tolist()],
-                                        dtype=np.int64)
-        # The ranges of one store are disjoint: the first one starting after an
-        # entry is the only one its records can reach first.
-        following = np.searchsorted(starts, before, "right")
-        reaches = following < len(starts)
-        reaches[reaches] &= record_ends[reaches] > starts[following[reaches]]
-        stale = np.concatenate([known[in_range], before[reaches]])
-        for offset in stale.tolist():
+        new = np.sort(offsets[kept & valid])
+        if not len(starts):
+            return
+        # Only entries from a worst-case block before the first range to the end of
+        # the last can overlap (a block's records never span more than the worst
+        # case); on a full arena that window is a few blocks more than the store,
+        # whatever the number of blocks held.
+        lo = np.searchsorted(known, starts[0] - self._max_reserve_bytes)
+        hi = np.searchsorted(known, ends[-1])
+        window = known[lo:hi]
+        # The ranges of one store are disjoint: an entry lies inside the last one
+        # starting at or before it, or, if its records reach that far, runs into the
+        # first one starting after it, which only those few entries' sizes can tell.
+        at = np.searchsorted(starts, window, "right") - 1
+        stale = (at >= 0) & (window < ends[np.maximum(at, 0)])
+        nxt = at + 1
+        near = np.flatnonzero(~stale & (nxt < len(starts)))
+        near = near[window[near] >= starts[nxt[near]] - self._max_reserve_bytes]
+        record_ends = window[near] + np.array(
+            [int(self._records[o].sum()) for o in window[near].tolist()], dtype=np.int64)
+        stale[near[record_ends > starts[nxt[near]]]] = True
+        for offset in window[stale].tolist():
             del self._records[offset]
-        known = np.setdiff1d(known, stale, assume_unique=True)
-        new = np.sort(offsets[kept])
-        self._record_offsets = np.insert(known, np.searchsorted(known, new), new)
-        self._records.update(zip(offsets[kept].tolist(), sizes))
+        # The new blocks start inside the store's ranges, so inside the window, where
+        # every earlier entry was just found stale.
+        self._record_offsets = np.concatenate(
+            [known[:lo], np.sort(np.concatenate([window[~stale], new])), known[hi:]])
+        self._records.update(zip(offsets[kept & valid].tolist(), sizes[valid[kept]]))
 
     # --- load ---
 
