@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstddef>
 #include <type_traits>
 
 #include "codec_common.h"
@@ -53,6 +54,28 @@ void copy_segments_cpu(const at::Tensor& src, const at::Tensor& src_offsets, at:
                        const at::Tensor& dst_offsets, const at::Tensor& sizes,
                        at::Tensor& status);
 
+// The checksum a record's header carries, for pack_blocks: 0 when no whole header
+// lies at `offset` of the `len`-byte buffer (a page that failed has no record).
+KVZ_HD uint32_t header_checksum_at(const uint8_t* buf, int64_t len, int64_t offset) {
+  constexpr int64_t at = offsetof(PageHeader, checksum);
+  if (offset < 0 || offset > len - kHeaderBytes) return 0;
+  const uint8_t* p = buf + offset + at;
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
+         static_cast<uint32_t>(p[2]) << 16 | static_cast<uint32_t>(p[3]) << 24;
+}
+
+// Running total of a block's record sizes for pack_blocks, saturating at `cap` (one
+// past the records buffer): a damaged page table can hold any sizes, and a block
+// that long is refused either way.
+KVZ_HD int64_t add_record_bytes(int64_t total, int64_t nbytes, int64_t cap) {
+  const int64_t add = nbytes < 0 ? 0 : (nbytes > cap ? cap : nbytes);
+  return total > cap - add ? cap : total + add;
+}
+
+void pack_blocks_cpu(const at::Tensor& records, const at::Tensor& page_table,
+                     const at::Tensor& room, at::Tensor& dst, const at::Tensor& dst_offsets,
+                     at::Tensor& status, at::Tensor& checksums);
+
 #ifdef KVCOMPRESS_WITH_CUDA
 void copy_segments_cuda(const at::Tensor& src, const at::Tensor& src_offsets, at::Tensor& dst,
                         const at::Tensor& dst_offsets, const at::Tensor& sizes,
@@ -61,6 +84,9 @@ void compress_cuda(at::TensorList src, const at::Tensor& page_ids, double eb, bo
                    int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table);
 void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dst,
                      const at::Tensor& dst_page_ids, at::Tensor& status);
+void pack_blocks_cuda(const at::Tensor& records, const at::Tensor& page_table,
+                      const at::Tensor& room, at::Tensor& dst, const at::Tensor& dst_offsets,
+                      at::Tensor& status, at::Tensor& checksums);
 #endif
 
 }  // namespace kvcompress

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "ops.h"
+#include "segment_copy.cuh"
 
 namespace kvcompress {
 namespace {
@@ -31,20 +32,12 @@ __global__ void __launch_bounds__(kThreads)
   const bool ok = segment_in_bounds(so, dof, n, src_len, dst_len);
   if (blockIdx.y == 0 && threadIdx.x == 0) status[seg] = ok ? kSegmentOk : kSegmentOutOfBounds;
   if (!ok) return;
-  const uint8_t* s = src + so;
-  uint8_t* d = dst + dof;
-  const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
-  if (((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d) | n) & 15) == 0) {
-    const uint4* s4 = reinterpret_cast<const uint4*>(s);
-    uint4* d4 = reinterpret_cast<uint4*>(d);
-    for (int64_t i = first; i < n / 16; i += stride) d4[i] = s4[i];
-  } else {
-    for (int64_t i = first; i < n; i += stride) d[i] = s[i];
-  }
+  copy_range(src + so, dst + dof, n, static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x,
+             static_cast<int64_t>(gridDim.y) * kThreads);
 }
 
-// Device address of a buffer: itself on the GPU; the mapped alias of pinned host memory.
+}  // namespace
+
 uint8_t* device_address(const at::Tensor& t) {
   uint8_t* p = static_cast<uint8_t*>(t.data_ptr());
   if (t.is_cuda()) return p;
@@ -52,8 +45,6 @@ uint8_t* device_address(const at::Tensor& t) {
   C10_CUDA_CHECK(cudaHostGetDevicePointer(&mapped, p, 0));
   return static_cast<uint8_t*>(mapped);
 }
-
-}  // namespace
 
 void copy_segments_cuda(const at::Tensor& src, const at::Tensor& src_offsets, at::Tensor& dst,
                         const at::Tensor& dst_offsets, const at::Tensor& sizes,

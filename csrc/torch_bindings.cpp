@@ -170,6 +170,47 @@ void copy_segments(const at::Tensor& src, const at::Tensor& src_offsets, at::Ten
   copy_segments_cpu(src, src_offsets, dst, dst_offsets, sizes, status);
 }
 
+void check_pack_blocks(const at::Tensor& records, const at::Tensor& page_table,
+                       const at::Tensor& room, const at::Tensor& dst,
+                       const at::Tensor& dst_offsets, const at::Tensor& status,
+                       const at::Tensor& checksums) {
+  TORCH_CHECK_TYPE(records.scalar_type() == at::kByte && dst.scalar_type() == at::kByte,
+                   "kvcompress: records and dst must be uint8, got ", records.scalar_type(),
+                   " and ", dst.scalar_type());
+  TORCH_CHECK_VALUE(records.dim() == 1 && records.is_contiguous() && dst.dim() == 1 &&
+                    dst.is_contiguous(), "kvcompress: records and dst must be contiguous 1-D buffers");
+  TORCH_CHECK_VALUE(dst.device() == records.device() || (records.is_cuda() && dst.is_pinned()),
+                    "kvcompress: dst is on ", dst.device(), " but the records are on ",
+                    records.device(), "; a host buffer must be pinned for a GPU copy");
+  TORCH_CHECK_VALUE(page_table.dim() == 3 && page_table.size(1) >= 1 && page_table.size(2) == 3,
+                    "kvcompress: page_table must have shape (blocks, pages >= 1, 3), got ",
+                    dims(page_table.sizes()));
+  check_vector(page_table, at::kLong, -1, records, "page_table");
+  // Bounds that keep the kernels' sums of sizes and checksums inside int64.
+  TORCH_CHECK_VALUE(records.numel() < (int64_t{1} << 56) && page_table.size(1) <= (1 << 24),
+                    "kvcompress: records or pages per block too large");
+  const int64_t blocks = page_table.size(0);
+  TORCH_CHECK_VALUE(blocks < (int64_t{1} << 31), "kvcompress: too many blocks");
+  check_vector(room, at::kLong, blocks, records, "room");
+  check_vector(dst_offsets, at::kLong, blocks, records, "dst_offsets");
+  check_vector(status, at::kInt, blocks, records, "status");
+  check_vector(checksums, at::kLong, blocks, records, "checksums");
+}
+
+void pack_blocks(const at::Tensor& records, const at::Tensor& page_table, const at::Tensor& room,
+                 at::Tensor& dst, const at::Tensor& dst_offsets, at::Tensor& status,
+                 at::Tensor& checksums) {
+  check_pack_blocks(records, page_table, room, dst, dst_offsets, status, checksums);
+  if (page_table.size(0) == 0) return;
+#ifdef KVCOMPRESS_WITH_CUDA
+  if (records.is_cuda()) {
+    return pack_blocks_cuda(records, page_table, room, dst, dst_offsets, status, checksums);
+  }
+#endif
+  TORCH_CHECK_VALUE(records.is_cpu(), "kvcompress: no kernels for device ", records.device());
+  pack_blocks_cpu(records, page_table, room, dst, dst_offsets, status, checksums);
+}
+
 }  // namespace
 }  // namespace kvcompress
 
@@ -183,12 +224,16 @@ TORCH_LIBRARY(kvcompress, m) {
   m.def(
       "copy_segments(Tensor src, Tensor src_offsets, Tensor(a!) dst, Tensor dst_offsets, "
       "Tensor sizes, Tensor(b!) status) -> ()");
+  m.def(
+      "pack_blocks(Tensor records, Tensor page_table, Tensor room, Tensor(a!) dst, "
+      "Tensor dst_offsets, Tensor(b!) status, Tensor(c!) checksums) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvcompress, CPU, m) {
   m.impl("compress", &kvcompress::compress);
   m.impl("decompress", &kvcompress::decompress);
   m.impl("copy_segments", &kvcompress::copy_segments);
+  m.impl("pack_blocks", &kvcompress::pack_blocks);
 }
 
 #ifdef KVCOMPRESS_WITH_CUDA
@@ -196,6 +241,7 @@ TORCH_LIBRARY_IMPL(kvcompress, CUDA, m) {
   m.impl("compress", &kvcompress::compress);
   m.impl("decompress", &kvcompress::decompress);
   m.impl("copy_segments", &kvcompress::copy_segments);
+  m.impl("pack_blocks", &kvcompress::pack_blocks);
 }
 #endif
 

@@ -47,6 +47,20 @@ def _copy_segments_fake(
     return None
 
 
+@torch.library.register_fake("kvcompress::pack_blocks")
+def _pack_blocks_fake(
+    records: torch.Tensor,
+    page_table: torch.Tensor,
+    room: torch.Tensor,
+    dst: torch.Tensor,
+    dst_offsets: torch.Tensor,
+    status: torch.Tensor,
+    checksums: torch.Tensor,
+) -> None:
+    return None
+
+
 compress = torch.ops.kvcompress.compress
 decompress = torch.ops.kvcompress.decompress
 copy_segments = torch.ops.kvcompress.copy_segments
+pack_blocks = torch.ops.kvcompress.pack_blocks

@@ -1,4 +1,5 @@
-"""Drives the CUDA codec through damaged input for compute-sanitizer memcheck.
+"""Drives the CUDA codec, and the block packing of its output, through damaged input
+for compute-sanitizer memcheck.
 
 Not a pytest module: benchmarks/run_gpu_host.sh runs it under
 ``compute-sanitizer --tool memcheck`` so that any out-of-bounds access in the
@@ -51,8 +52,29 @@ def main() -> None:
     buf[torch.randint(c.used_bytes(), (16,), generator=g).cuda()] ^= 0x41
     decompress_pages(CompressedPages(buf, c.table), dst,
                      torch.tensor([5, 24, 23, -1, 9, 0], device="cuda"))
+    pack_damaged_tables(g)
     torch.cuda.synchronize()
     print("memcheck driver finished")
+
+
+def pack_damaged_tables(g: torch.Generator) -> None:
+    """pack_blocks on page tables holding anything: offsets and sizes negative,
+    huge or past the buffer, into device and pinned host buffers."""
+    from vllm_kvcompress import _custom_ops as ops
+
+    records = torch.randint(0, 256, (1 << 16,), generator=g, dtype=torch.uint8).cuda()
+    for dst in (torch.zeros(1 << 16, dtype=torch.uint8, device="cuda"),
+                torch.zeros(1 << 16, dtype=torch.uint8).pin_memory()):
+        for trial in range(8):
+            table = torch.randint(-(1 << 17), 1 << 17, (16, 33, 3), generator=g)
+            table[trial, :, 1] = 1 << 62
+            table[trial + 1, 0, 0] = (1 << 16) - 4
+            room = torch.randint(-64, 1 << 14, (16,), generator=g)
+            dst_offsets = torch.randint(-64, 1 << 16, (16,), generator=g)
+            status = torch.empty(16, dtype=torch.int32, device="cuda")
+            checksums = torch.empty(16, dtype=torch.int64, device="cuda")
+            ops.pack_blocks(records, table.cuda(), room.cuda(), dst, dst_offsets.cuda(), status,
+                            checksums)
 
 
 if __name__ == "__main__":

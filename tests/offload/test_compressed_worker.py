@@ -2,7 +2,7 @@
 streams on the GPU host): round trips within the bound, exact raw fallback,
 and damaged blocks reported as load errors instead of being written back. Store
 tests run both ways a chunk's records reach the arena: through arena-shaped slots
-and one copy per run of adjacent ranges (``dma``), and the segment-copy kernel
+and one copy per run of adjacent ranges (``dma``), and the block-packing kernel
 straight into the arena (``kernel``). Load tests run both ways a chunk's records
 reach GPU staging: one copy per run of blocks lying together in the arena
 (``dma``), and the segment-copy kernel (``kernel``)."""
@@ -430,18 +430,18 @@ def test_block_larger_than_its_reservation_is_not_written(dtype: torch.dtype,
 
 def copies_into_arena(monkeypatch: pytest.MonkeyPatch,
                       worker: CompressedOffloadingWorker) -> list[bool]:
-    """Records, per segment-copy launch, whether it writes the arena itself (the
+    """Records, per block-packing launch, whether it writes the arena itself (the
     kernel path) rather than staging slots (the copy-engine path)."""
     from vllm_kvcompress.offload import worker as worker_module
 
     into_arena: list[bool] = []
-    op = worker_module.ops.copy_segments
+    op = worker_module.ops.pack_blocks
 
-    def call(src, src_offsets, dst, *rest) -> None:
+    def call(records, page_table, room, dst, *rest) -> None:
         into_arena.append(dst.data_ptr() == worker.arena.data_ptr())
-        op(src, src_offsets, dst, *rest)
+        op(records, page_table, room, dst, *rest)
 
-    monkeypatch.setattr(worker_module.ops, "copy_segments", call)
+    monkeypatch.setattr(worker_module.ops, "pack_blocks", call)
     return into_arena
 
 
@@ -530,7 +530,7 @@ def test_range_outside_the_arena_fails_its_block_unwritten(copy: str) -> None:
 def test_chunk_of_more_runs_than_the_threshold_takes_the_kernel(
         monkeypatch: pytest.MonkeyPatch, gaps: int) -> None:
     """Each copy-engine copy has a fixed cost; a chunk whose ranges split into more
-    than MAX_DMA_RUNS runs is written by the segment-copy kernel instead."""
+    than MAX_DMA_RUNS runs is written by the block-packing kernel instead."""
     caches = make_kv(torch.bfloat16)
     original = [c.clone() for c in caches]
     worker = make_worker(caches)

@@ -2,15 +2,15 @@
 
 Store: on a side stream that first waits for the model's stream, the pages of a
 chunk of blocks (every layer in the blocks' KV group, K and V) are compressed in
-one launch into a GPU staging buffer. A segment-copy kernel, reading the record
+one launch into a GPU staging buffer. A block-packing kernel, reading the record
 sizes on the device, then moves each block's records to a second staging region
-laid out like the blocks' arena ranges, and the copy engines write that region to
-the pinned host arena with one copy per run of adjacent ranges (usually one per
-chunk). Where the ranges are fragmented, the kernel writes the records straight
-into the arena instead. The codec's page table comes back in a pinned buffer
-that :meth:`CompressedOffloadingWorker.get_finished` reads once the job's event
-has fired, and the per-block sizes, raw-page counts and checksums are worked out
-from it on the host; nothing here waits on the model's stream.
+laid out like the blocks' arena ranges, summing their checksums on the way, and
+the copy engines write that region to the pinned host arena with one copy per run
+of adjacent ranges (usually one per chunk). Where the ranges are fragmented, the
+kernel writes the records straight into the arena instead. The codec's page table
+comes back in a pinned buffer that :meth:`CompressedOffloadingWorker.get_finished`
+reads once the job's event has fired, and the per-block sizes and raw-page counts
+are worked out from it on the host; nothing here waits on the model's stream.
 
 Load: a chunk's blocks are copied from the arena into one half of a GPU staging
 buffer and decompressed from there straight into the destination blocks of the
@@ -64,7 +64,7 @@ logger = init_logger(__name__)
 # profiler never saw; larger jobs run as several chunks through the same buffer.
 DEFAULT_STAGING_BYTES = 64 << 20
 # A store chunk goes to the arena by the copy engines when its blocks' ranges form at
-# most this many runs of adjacent ranges, else by the segment-copy kernel. Each copy
+# most this many runs of adjacent ranges, else by the block-packing kernel. Each copy
 # costs the engine's step ~10 us of host time to issue and the copy engine a fixed
 # setup (one copy per block measured ~13 us each on an H100), so 8 copies add ~0.1 ms
 # to a chunk the kernel writes in ~0.5 ms and the copy engines, at their faster rate
@@ -77,7 +77,6 @@ MAX_DMA_RUNS = 8
 # store's (a fixed cost per copy against the kernel's SM-bound PCIe read), not yet
 # measured apart for loads.
 MAX_LOAD_DMA_RUNS = MAX_DMA_RUNS
-_CHECKSUM_BYTE = 28  # of a record's header (docs/format.md)
 _RAW_REASONS = (CompressStatus.RAW_NON_FINITE, CompressStatus.RAW_BOUND_UNATTAINABLE,
                 CompressStatus.RAW_NO_GAIN)
 
@@ -260,8 +259,8 @@ class _StoreBatch:
     pages: torch.Tensor | None
     # record sizes of a block stored raw (one record per tensor)
     raw_sizes: np.ndarray | None
-    # per block, pinned: the sum of its records' header checksums (see
-    # _sum_checksums); None when stored raw
+    # per block, pinned: the sum of its records' header checksums (pack_blocks);
+    # None when stored raw
     checksums: torch.Tensor | None = None
 
 
@@ -326,8 +325,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
                             if self.compressible else [])
         self.arena = self._dev.host_buffer((arena_bytes,), torch.uint8)
         self._staging_bytes = staging_bytes
-        # The benchmark sets these to 0 to time the segment-copy kernel on the same
-        # stores and loads.
+        # The benchmark sets these to 0 to time the kernels that write the arena or
+        # read it themselves on the same stores and loads.
         self.max_dma_runs = MAX_DMA_RUNS
         self.max_load_dma_runs = MAX_LOAD_DMA_RUNS
         self._store_stream = self._dev.new_stream()
@@ -512,7 +511,7 @@ class CompressedOffloadingWorker(OffloadingWorker):
         step = self._store_chunk_blocks(group)
         region = self._store_region(group)
         # A block whose range is not wholly inside the arena gets destination -1,
-        # which the segment copy refuses and reports, so the block fails unwritten.
+        # which the block packing refuses and reports, so the block fails unwritten.
         inside = self._inside_arena(offsets, reserved)
         plans = [_plan_chunk(offsets[lo:lo + step], reserved[lo:lo + step],
                              inside[lo:lo + step], region, self.max_dma_runs)
@@ -524,7 +523,6 @@ class CompressedOffloadingWorker(OffloadingWorker):
         page_ids = self._page_ids(group, ids)
         views = [self.layouts[t].pages for t in tensors]
         table = torch.empty((n, per_block, 3), dtype=torch.int64, device=device)
-        lengths = torch.empty(n, dtype=torch.int64, device=device)
         checksums = torch.empty(n, dtype=torch.int64, device=device)
         status = torch.empty(n, dtype=torch.int32, device=device)
         worst = self.reserve_bytes(group)
@@ -537,17 +535,14 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 ops.compress(views, page_ids[lo * per_block:hi * per_block],
                              self.codec.error_bound, self.codec.relative, int(self.codec.mode),
                              self.codec.rows, records[:(hi - lo) * worst], part.view(-1, 3))
-                _sum_checksums(records, part, checksums[lo:hi])
             # A block's records lie together in staging: one segment per block, cut
             # at the reservation's end (an oversized block is then reported, not
-            # recorded: its cut copy is never read).
+            # recorded: its cut copy is never read); its record checksums are summed
+            # on the way, where the host would miss its caches reading them.
             with _nvtx("kvcompress.copy"):
-                block_len = lengths[lo:hi]
-                torch.sum(part[:, :, 1], 1, out=block_len)
-                torch.minimum(block_len, room[lo:hi], out=block_len)
-                ops.copy_segments(records, part[:, 0, 0].contiguous(),
-                                  self.arena if plan.runs is None else slots,
-                                  dst[lo:hi], block_len, status[lo:hi])
+                ops.pack_blocks(records, part, room[lo:hi],
+                                self.arena if plan.runs is None else slots, dst[lo:hi],
+                                status[lo:hi], checksums[lo:hi])
                 # Each run copies its blocks' whole reservations: past a block's
                 # records that is stale staging, but the reservation is the block's
                 # own and readers go by the recorded sizes, so one copy per run can
@@ -835,26 +830,11 @@ class CompressedOffloadingWorker(OffloadingWorker):
                 yield group, block_ids, arena_spec.offsets[span], arena_spec.nbytes[span]
 
 
-def _sum_checksums(records: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
-    """Per block of a compressed chunk, the sum (before taking it mod 2^32) of its
-    records' header checksums, gathered from ``records`` (the codec's output) by the
-    ``table`` rows ``(offset, nbytes, status)``, on the device: read from the host
-    arena instead, the 32 scattered words per block missed the CPU's caches and cost
-    the engine's step about 0.7 ms per 512 blocks on the H100 host."""
-    # Records start 16-aligned, so the checksum of the record at offset o is 32-bit
-    # word o / 4 of the buffer from _CHECKSUM_BYTE on. Rows of a page that failed
-    # may hold any offset: clamped, their word is read and then ignored.
-    words = records[_CHECKSUM_BYTE:_CHECKSUM_BYTE + (records.numel() - _CHECKSUM_BYTE) // 4 * 4]
-    words = words.view(torch.int32)
-    at = torch.bitwise_right_shift(table[:, :, 0], 2).clamp_(0, words.numel() - 1)
-    torch.sum(words[at], 1, out=out)
-
-
 @dataclass
 class _ChunkPlan:
     """How one store chunk's records reach the arena."""
 
-    # per block, where the segment copy puts its records: a slot (copy-engine path)
+    # per block, where the block packing puts its records: a slot (copy-engine path)
     # or the arena offset (kernel path); -1 for a range outside the arena
     dst: np.ndarray
     # (arena offset, slot offset, bytes) of each copy-engine copy; None: the kernel
