@@ -4,7 +4,7 @@ fragmentation and the simulated-eviction planner."""
 import random
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -414,3 +414,38 @@ def test_plan_fit() -> None:
         alloc.plan_fit(64, iter([offs[0], offs[0]]))
     # Planning changes nothing.
     check_invariants(alloc, {offs[i]: 16 for i in (0, 1, 2, 4, 5, 6, 7)})
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=1, max_size=40),
+       freed=st.lists(st.integers(0, 39), max_size=12),
+       order=st.randoms(use_true_random=False), need=st.integers(1, 60))
+def test_plan_fit_is_the_shortest_prefix_that_fits(sizes: list[int], freed: list[int],
+                                                   order: random.Random, need: int) -> None:
+    """Against freeing the candidates one by one for real: runs of neighbours in
+    order (as an eviction meets one store's blocks), in reverse, shuffled, next to
+    real free ranges."""
+    capacity = 16 * sum(sizes)
+    alloc = ArenaAllocator(capacity)
+    offsets = [alloc.allocate(16 * s) for s in sizes]
+    for i in set(freed):
+        if i < len(offsets):
+            alloc.free(offsets[i])
+    live = [o for i, o in enumerate(offsets) if i not in set(freed)]
+    candidates = sorted(live, reverse=order.random() < 0.3)
+    if order.random() < 0.3:
+        order.shuffle(candidates)
+    expected = None
+    trial = ArenaAllocator(capacity)
+    for o, s in zip(offsets, sizes):
+        assert trial.allocate(16 * s) == o
+    for i in set(freed):
+        if i < len(offsets):
+            trial.free(offsets[i])
+    for k in range(len(candidates) + 1):
+        if trial.largest_free_block >= 16 * need:
+            expected = k
+            break
+        if k < len(candidates):
+            trial.free(candidates[k])
+    assert alloc.plan_fit(16 * need, iter(candidates)) == expected

@@ -335,40 +335,49 @@ class ArenaAllocator:
         # Simulated free ranges, each the union of freed candidates and real free
         # ranges they touch. A real free range adjacent to a candidate can only be
         # absorbed through that candidate's boundary, so checking the overlay before
-        # the real index never double counts.
+        # the real index never double counts. The range grown last is kept apart, in
+        # ``run``: the LRU walk of an eviction mostly meets the blocks of one store
+        # in order, each starting where the last ended, and those extend it without
+        # touching the overlay's dicts. No other simulated or real free range starts
+        # at its end (it would have been absorbed), so a candidate there is new.
         sim_by_start: dict[int, int] = {}
         sim_by_end: dict[int, int] = {}
         seen: set[int] = set()
+        allocs, free_by_start, free_by_end = self._allocs, self._free_by_start, self._free_by_end
+        run_start = run_end = -1
         count = 0
         for offset in candidate_offsets:
-            entry = self._allocs.get(offset)
+            entry = allocs.get(offset)
             if entry is None:
                 raise ValueError(f"candidate {offset} is not a live allocation")
-            if offset in seen:
-                raise ValueError(f"candidate {offset} given twice")
-            seen.add(offset)
             count += 1
-            start, size = offset, entry[0]
-            end = start + size
+            if offset == run_end:
+                seen.add(offset)
+                end = offset + entry[0]
+            else:
+                if offset in seen:
+                    raise ValueError(f"candidate {offset} given twice")
+                seen.add(offset)
+                if run_end > run_start:
+                    sim_by_start[run_start] = run_end - run_start
+                    sim_by_end[run_end] = run_start
+                start, end = offset, offset + entry[0]
+                if start in sim_by_end:
+                    left = sim_by_end.pop(start)
+                    del sim_by_start[left]
+                    start = left
+                elif start in free_by_end:
+                    start = free_by_end[start]
+                run_start = start
             if end in sim_by_start:
                 right = sim_by_start.pop(end)
                 del sim_by_end[end + right]
-                size += right
-            elif end in self._free_by_start:
-                size += self._free_by_start[end]
-            if start in sim_by_end:
-                left = sim_by_end.pop(start)
-                del sim_by_start[left]
-                size += start - left
-                start = left
-            elif start in self._free_by_end:
-                left = self._free_by_end[start]
-                size += start - left
-                start = left
-            if size >= need:
+                end += right
+            elif end in free_by_start:
+                end += free_by_start[end]
+            run_end = end
+            if run_end - run_start >= need:
                 return count
-            sim_by_start[start] = size
-            sim_by_end[start + size] = start
         return None
 
     # ------------------------------------------------------------------ introspection

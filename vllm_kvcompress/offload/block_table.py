@@ -119,6 +119,26 @@ class BlockTable:
         records = self._records
         return [key for key in keys if key not in records]
 
+    def touch(self, keys: Iterable[Hashable]) -> None:
+        """Marks the ``keys`` present as the most recently used, in order."""
+        records = self._records
+        move_to_end = records.move_to_end
+        for key in keys:
+            if key in records:
+                move_to_end(key)
+
+    def insert_many(self, items: Iterable[tuple[Hashable, BlockRecord]]) -> None:
+        """:meth:`insert` for each ``(key, record)``, in order: one scheduler call
+        adds a whole prompt's blocks. Raises ``ValueError`` at the first key present,
+        with the blocks before it inserted."""
+        records = self._records
+        for key, record in items:
+            if key in records:
+                raise ValueError(f"block {key!r} is already in the table; remove it first")
+            records[key] = record
+            self._stored_bytes += record.nbytes
+            self._raw_bytes += record.raw_nbytes
+
     def get(self, key: Hashable) -> BlockRecord | None:
         """The block's record, marking it most recently used; ``None`` if absent."""
         record = self._records.get(key)

@@ -186,8 +186,7 @@ class CompressedCPUOffloadingManager(OffloadingManager):
 
     @override
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        for key in keys:
-            self.table.get(key)
+        self.table.touch(keys)
 
     @override
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
@@ -266,6 +265,7 @@ class CompressedCPUOffloadingManager(OffloadingManager):
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext,
                        success: bool = True) -> None:
         stored: list[OffloadKey] = []
+        records: list[BlockRecord] = []
         raw_pages = stored_bytes = oversized = 0
         # The sizes of this store set the next reservations; a block's unused tail is
         # given back only if it could hold a block at that size. A smaller tail would
@@ -277,7 +277,7 @@ class CompressedCPUOffloadingManager(OffloadingManager):
             default=0) if success else 0)
         worth_trimming = self.reservation.nbytes
         # Per stored block this loop is the scheduler's cost: constants hoisted.
-        pending_stores, insert = self._pending, self.table.insert
+        pending_stores = self._pending
         raw_block, mode = self.raw_block_bytes, self._mode
         error_bound, dtype = self.compression.error_bound, self.kv_dtype
         for key in keys:
@@ -296,11 +296,12 @@ class CompressedCPUOffloadingManager(OffloadingManager):
             nbytes = min(report.nbytes, pending.reserved)
             if pending.reserved - nbytes >= worth_trimming:
                 self.allocator.shrink(pending.offset, nbytes)
-            insert(key, BlockRecord(pending.offset, nbytes, raw_block, mode, error_bound, dtype,
-                                    report.checksum, report.raw_pages > 0))
+            records.append(BlockRecord(pending.offset, nbytes, raw_block, mode, error_bound,
+                                       dtype, report.checksum, report.raw_pages > 0))
             stored.append(key)
             raw_pages += report.raw_pages
             stored_bytes += nbytes
+        self.table.insert_many(zip(stored, records))
         self._stats.increase_counter(CompressionMetrics.STORES_OVERSIZED, oversized)
         self._stats.increase_counter(CompressionMetrics.RAW_PAGES, raw_pages)
         self._stats.increase_counter(CompressionMetrics.COMPRESSED_BYTES_STORED, stored_bytes)
