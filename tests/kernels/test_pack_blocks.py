@@ -46,10 +46,12 @@ def random_chunk(seed: int, blocks: int, pages: int) -> tuple[np.ndarray, ...]:
     needs = sizes.sum(1)
     room = needs + rng.integers(0, 3, blocks) * 16
     room[0] = needs[0] - 48  # cut: a block larger than its reservation
-    dst_offsets = np.cumsum(room) - room + 16 * rng.integers(0, 2, blocks)
+    # Disjoint destinations, some shifted off the packed layout by 16 bytes.
+    slot = room + 16
+    dst_offsets = np.cumsum(slot) - slot + 16 * rng.integers(0, 2, blocks)
     dst_offsets[-1] = -1  # refused
     table[1, -1, 0] = len(records) - 8  # a header that does not fit the buffer
-    dst = np.zeros(int(room.sum()) + 64, dtype=np.uint8)
+    dst = np.zeros(int(slot.sum()) + 64, dtype=np.uint8)
     return records, table, room.astype(np.int64), dst, dst_offsets.astype(np.int64)
 
 
