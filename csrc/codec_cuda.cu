@@ -465,15 +465,37 @@ __device__ bool verify_exact(const typename CudaType<Code>::type* page, uint32_t
   return __syncthreads_or(bad);
 }
 
-// Each warp codes one contiguous run of blocks [x, y), so it keeps its own running
-// offsets in the planes and outlier sections and needs no per-block scan.
+// Blocks are coded in groups of four consecutive blocks, whose width bytes are one
+// aligned word: a warp bit transpose has room for the planes of four blocks of
+// width up to 7 (see write_planes), and the width bytes move four at a time.
+constexpr int kGroupBlocks = 4;
+
+// Each warp codes one contiguous run of whole groups, blocks [x, y), so it keeps its
+// own running offsets in the planes and outlier sections and needs no per-block
+// scan. The last run may end up to three blocks past num_blocks: those padding
+// blocks have width 0.
 __device__ __forceinline__ uint2 warp_blocks(uint32_t num_blocks, int warp) {
-  return make_uint2(warp * num_blocks / kWarps, (warp + 1) * num_blocks / kWarps);
+  const uint32_t groups = (num_blocks + kGroupBlocks - 1) / kGroupBlocks;
+  return make_uint2(warp * groups / kWarps * kGroupBlocks,
+                    (warp + 1) * groups / kWarps * kGroupBlocks);
 }
 
-// Pass 1 over a warp's run: each block's width byte, and the run's plane words (x)
-// and outlier bytes (y). `check` collects the lane's bound checks: bit 0 a value
-// certainly bad, bit 1 a tie for verify_exact.
+// Plane words of each block of a group, one a byte (block_words: f + 1, or 0 when
+// f is 0), from the group's width bytes. Every width is at most kMaxWidth, so no
+// byte carries into the next.
+__device__ __forceinline__ uint32_t group_block_words(uint32_t width_bytes) {
+  const uint32_t f = width_bytes & 0x1F1F1F1Fu;
+  return f + (((f + 0x7F7F7F7Fu) & 0x80808080u) >> 7);
+}
+
+// Width masks of a group's bytes: no width above 7 (one transpose codes the four
+// blocks) or, per pair of blocks, none above 15 (one transpose codes the pair).
+constexpr uint32_t kWiderThan7 = 0x18181818u;
+constexpr uint32_t kWiderThan15 = 0x10101010u;
+
+// Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
+// plane words (x) and outlier bytes (y). `check` collects the lane's bound checks:
+// bit 0 a value certainly bad, bit 1 a tie for verify_exact.
 template <uint8_t Code, uint8_t Mode>
 __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run, uint8_t* widths,
@@ -482,16 +504,21 @@ __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder
   uint2 sizes = make_uint2(0, 0);
   bool bad = false, tie = false;
   StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
-  for (uint32_t j = run.x; j < run.y; ++j, cur.advance()) {
-    const LaneCode c = coder.code(cur.index, j);
-    bad |= c.bad;
-    tie |= c.tie;
-    const int f = bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
-    int k = 0;
-    if constexpr (Mode == kOutlier) k = byte_length(zigzag(__shfl_sync(kFull, c.q, 0)));
-    if (lane == 0) widths[j] = static_cast<uint8_t>(f | (k << 5));
-    sizes.x += block_words(f);
-    sizes.y += k;
+  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
+    uint32_t width_bytes = 0;
+#pragma unroll
+    for (int b = 0; b < kGroupBlocks; ++b, cur.advance()) {
+      const LaneCode c = coder.code(cur.index, j + b);
+      bad |= c.bad;
+      tie |= c.tie;
+      const int f = bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
+      int k = 0;
+      if constexpr (Mode == kOutlier) k = byte_length(zigzag(__shfl_sync(kFull, c.q, 0)));
+      width_bytes |= static_cast<uint32_t>(f | (k << 5)) << (8 * b);
+      sizes.x += block_words(f);
+      sizes.y += k;
+    }
+    if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
   }
   *check = static_cast<uint32_t>(bad) | static_cast<uint32_t>(tie) << 1;
   return sizes;
@@ -537,18 +564,31 @@ __device__ __forceinline__ BitTranspose bit_transpose() {
   return t;
 }
 
-// Writes one block's f + 1 plane words from `at` on: lane 0 the sign word, lane b + 1
-// the word of magnitude bit b.
-__device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint32_t d, int f,
+// Writes the plane words of G consecutive blocks (G = 1, 2 or 4) with one warp
+// transpose, from plane word `at` on; `words` holds each block's word count, one a
+// byte, and d[b] is the lane's residual in block b. Lane i's row packs a field of
+// 32 / G bits per block, the sign in its lowest bit and the magnitude above, so that
+// after the transpose lane (32 / G) * b + t holds word t of block b in the order of
+// docs/format.md: the sign word, then magnitude bits 0, 1, ... Every width of the G
+// blocks must be below 32 / G.
+template <int G>
+__device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint32_t words,
+                                             const uint32_t (&d)[G],
                                              const BitTranspose& transpose) {
-  const int lane = threadIdx.x & 31;
-  const uint32_t sign = __ballot_sync(kFull, static_cast<int32_t>(d) < 0);
-  const uint32_t plane = __shfl_up_sync(kFull, transpose(magnitude(d)), 1);
-  if (lane <= f) planes[at + lane] = lane == 0 ? sign : plane;
+  constexpr int kField = 32 / G;
+  const int lane = threadIdx.x & 31, b = lane / kField, t = lane % kField;
+  uint32_t row = 0;
+#pragma unroll
+  for (int i = 0; i < G; ++i) row |= (magnitude(d[i]) << 1 | d[i] >> 31) << (kField * i);
+  const uint32_t word = transpose(row);
+  // Words of the blocks before this lane's block: byte b of words * 0x01010100.
+  const uint32_t before = ((words * 0x01010100u) >> (8 * b)) & 0xFFu;
+  if (static_cast<uint32_t>(t) < ((words >> (8 * b)) & 0xFFu)) planes[at + before + t] = word;
 }
 
 // Pass 2 over a warp's run: its outlier bytes into `stage` and its plane words into
-// `planes`, from the run's offsets `at` in each.
+// `planes`, from the run's offsets `at` in each. A group whose widths are all at most
+// 7 (nearly all at the usual bounds) costs one transpose, not four.
 template <uint8_t Code, uint8_t Mode>
 __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run,
@@ -557,23 +597,47 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
   const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
   StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
-  for (uint32_t j = run.x; j < run.y; ++j, cur.advance()) {
-    const uint8_t wb = widths[j];
-    if (wb == 0) continue;
-    const LaneCode c = coder.code(cur.index, j);
-    if constexpr (Mode == kOutlier) {
-      const int k = wb >> 5;
-      if (lane == 0) {
-        const uint32_t z = zigzag(c.q);
-        for (int b = 0; b < k; ++b) stage[at.y + b] = static_cast<uint8_t>(z >> (8 * b));
+  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
+    const uint32_t width_bytes = *reinterpret_cast<const uint32_t*>(widths + j);
+    if (width_bytes == 0) {
+#pragma unroll
+      for (int b = 0; b < kGroupBlocks; ++b) cur.advance();
+      continue;
+    }
+    uint32_t d[kGroupBlocks];
+#pragma unroll
+    for (int b = 0; b < kGroupBlocks; ++b, cur.advance()) {
+      const LaneCode c = coder.code(cur.index, j + b);
+      d[b] = c.d;
+      if constexpr (Mode == kOutlier) {
+        const int k = (width_bytes >> (8 * b + 5)) & 3;
+        if (lane == 0) {
+          const uint32_t z = zigzag(c.q);
+          for (int i = 0; i < k; ++i) stage[at.y + i] = static_cast<uint8_t>(z >> (8 * i));
+        }
+        at.y += k;
       }
-      at.y += k;
     }
-    const int f = wb & 31;
-    if (f > 0) {
-      write_planes(planes, at.x, c.d, f, transpose);
-      at.x += block_words(f);
+    const uint32_t words = group_block_words(width_bytes);
+    if ((width_bytes & kWiderThan7) == 0) {
+      write_planes<4>(planes, at.x, words, d, transpose);
+    } else {
+      uint32_t pair_at = at.x;
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const uint32_t pair_words = (words >> (16 * p)) & 0xFFFFu;
+        const uint32_t pair_d[2] = {d[2 * p], d[2 * p + 1]};
+        if (((width_bytes >> (16 * p)) & kWiderThan15 & 0xFFFFu) == 0) {
+          write_planes<2>(planes, pair_at, pair_words, pair_d, transpose);
+        } else {
+          write_planes<1>(planes, pair_at, pair_words & 0xFFu, {pair_d[0]}, transpose);
+          write_planes<1>(planes, pair_at + (pair_words & 0xFFu), pair_words >> 8, {pair_d[1]},
+                          transpose);
+        }
+        pair_at += (pair_words & 0xFFu) + (pair_words >> 8);
+      }
     }
+    at.x += (words * 0x01010101u) >> 24;
   }
 }
 
@@ -602,8 +666,10 @@ __device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t 
   return exclusive;
 }
 
+// Five CTAs an SM, as many as shared memory allows for 32 KiB pages; unbounded,
+// ptxas takes 56 registers (four CTAs).
 template <uint8_t Code, uint8_t Mode>
-__global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
+__global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -615,6 +681,9 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   __shared__ uint64_t offset_s;
   __shared__ uint32_t payload_len_s;
   __shared__ uint8_t reason_s;
+  // The source page, read again only by a RAW padded page: kept here, not in a
+  // register held across both coding passes.
+  __shared__ const uint8_t* src_s;
 
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
   const PageGeometry g = a.geometry;
@@ -641,6 +710,7 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
 
   // Stage the page and find its range.
   const uint8_t* src = a.src.page(src_id);
+  if (threadIdx.x == 0) src_s = src;
   float mx = -INFINITY, mn = INFINITY;
   bool nonfinite = false;
   if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0) {
@@ -759,12 +829,12 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   uint32_t sum = 0;
   if (reason != 0) {
     // A padded page is not contiguous in shared memory; its source is (aligned).
-    const uint8_t* raw = g.padded ? src : smem;
+    const uint8_t* raw = g.padded ? src_s : smem;
     sum = copy_checksum_words(payload, raw, payload_len, kHeaderChecksumWords);
   } else {
     const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
-    // Padding bytes only: the blocks' bytes are written by pass 1 and below.
-    for (uint32_t i = B + threadIdx.x; i < width_bytes; i += kThreads) widths[i] = 0;
+    // Padding bytes only: the blocks' bytes are written by pass 1 and below, and the
+    // widths' padding bytes are the padding blocks of the last group, written by pass 1.
     for (uint32_t i = totals.y + threadIdx.x; i < outlier_bytes; i += kThreads) stage[i] = 0;
     const uint32_t plane_word0 = (width_bytes + outlier_bytes) / 4;
     write_blocks(coder, g, run, widths, base, reinterpret_cast<uint32_t*>(payload) + plane_word0,
@@ -791,10 +861,13 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
       PageHeader h;
       uint4 v[2];
     } header;
-    header.h = make_header(Code, Mode, a.relative, a.n, a.rows, pq, reason, payload_len);
-    header.h.checksum = checksum_finish(sum + header_checksum_sum(header.h), payload_len);
-    reinterpret_cast<uint4*>(rec)[0] = header.v[0];
-    reinterpret_cast<uint4*>(rec)[1] = header.v[1];
+    // The header's fields from shared memory again: held in registers across pass 2
+    // they cost outlier mode a spill.
+    header.h = make_header(Code, Mode, a.relative, a.n, a.rows, pq_s, reason_s, payload_len_s);
+    header.h.checksum = checksum_finish(sum + header_checksum_sum(header.h), header.h.payload_len);
+    uint4* header_at = reinterpret_cast<uint4*>(a.out + offset_s);
+    header_at[0] = header.v[0];
+    header_at[1] = header.v[1];
   }
 }
 
