@@ -29,9 +29,14 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Decompression fetches the words of the blocks it decodes next, up to this many
-// block indices past the last one; their width bytes read as zero.
-constexpr int kDecodeAhead = 3 * kWarps;
+// Blocks are coded in groups of four consecutive blocks, whose width bytes are one
+// aligned word: a warp bit transpose has room for the planes of four blocks of
+// width up to 7 (see write_planes), and the width bytes move four at a time.
+constexpr int kGroupBlocks = 4;
+// Decompression fetches the group it decodes next, up to a group past the last one
+// (which may itself end three blocks past the last block); these width bytes read as
+// zero.
+constexpr int kDecodeAhead = 2 * kGroupBlocks;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
 template <uint8_t Code>
@@ -464,11 +469,6 @@ __device__ bool verify_exact(const typename CudaType<Code>::type* page, uint32_t
   }
   return __syncthreads_or(bad);
 }
-
-// Blocks are coded in groups of four consecutive blocks, whose width bytes are one
-// aligned word: a warp bit transpose has room for the planes of four blocks of
-// width up to 7 (see write_planes), and the width bytes move four at a time.
-constexpr int kGroupBlocks = 4;
 
 // Each warp codes one contiguous run of whole groups, blocks [x, y), so it keeps its
 // own running offsets in the planes and outlier sections and needs no per-block
@@ -945,98 +945,167 @@ struct DecodeSource {
   uint32_t num_blocks;
 };
 
-// What decoding one block needs from memory: this lane's plane word (lane 0 the sign
-// word, lane b + 1 that of magnitude bit b, 0 past the block's words) and, in outlier
-// mode, the block's outlier. Zero for blocks past the last (their width bytes are 0),
-// so the loop fetches ahead with no bounds check.
-struct BlockFetch {
+// What decoding a group of four blocks needs from memory before the transpose: the
+// four width bytes and, for a group of widths at most 7, this lane's plane word (lane
+// 8b + t word t of block b, 0 past the block's words). Zero for groups past the last
+// (their width bytes are 0), so the loop fetches ahead with no bounds check.
+struct GroupFetch {
+  uint32_t width_bytes;
   uint32_t word;
-  uint32_t outlier;
 };
 
-template <uint8_t Mode>
-__device__ __forceinline__ BlockFetch fetch_block(const DecodeSource& s, uint32_t j, int lane) {
-  const uint32_t wb = s.widths[j], f = wb & 31;
-  BlockFetch b{0u, 0u};
-  if (f > 0 && static_cast<uint32_t>(lane) <= f) b.word = s.planes[s.words[j] + lane];
-  if constexpr (Mode == kOutlier) {
-    if (wb >> 5) b.outlier = s.outl[j];
-  }
-  return b;
-}
-
-// The lane's quantised value of a fetched block. The checks before the block loop
-// bound every width by kMaxWidth < 31, so lanes f and up already hold zero words and
-// the lane moved down into lane 31 is lane 31's own zero: no mask is needed, and a
-// block of width 0 (all words zero) decodes to zeros through the same instructions,
-// with no branch that would split the two blocks a warp decodes together.
-template <uint8_t Mode>
-__device__ __forceinline__ uint32_t decode_block(const BlockFetch& b, const BitTranspose& transpose,
-                                                 int lane) {
-  // Lane b + 1 holds the word of magnitude bit b: moved down to lane b, the transpose
-  // gives every lane its own magnitude.
-  const uint32_t mag = transpose(__shfl_down_sync(kFull, b.word, 1));
-  // Unsigned arithmetic: a forged stream with a valid checksum may overflow, never UB.
-  uint32_t q = ((__shfl_sync(kFull, b.word, 0) >> lane) & 1u) ? 0u - mag : mag;
-  if constexpr (Mode == kOutlier) {
-    if (lane == 0) q = b.outlier;
-  }
-  if constexpr (Mode != kFixed) {
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t up = __shfl_up_sync(kFull, q, o);
-      if (lane >= o) q += up;
+__device__ __forceinline__ GroupFetch fetch_group(const DecodeSource& s, uint32_t j, int lane) {
+  GroupFetch g{*reinterpret_cast<const uint32_t*>(s.widths + j), 0u};
+  if ((g.width_bytes & kWiderThan7) == 0) {
+    const uint32_t b = lane >> 3, t = lane & 7;
+    if (t < ((group_block_words(g.width_bytes) >> (8 * b)) & 0xFFu)) {
+      g.word = s.planes[s.words[j + b] + t];
     }
   }
-  return q;
+  return g;
 }
 
-// The block loop of decompression, built per mode. A block's decode is one chain of
-// dependent steps (shared-memory width and offset, the plane word from L2, a dozen
-// dependent shuffles, the store), some 800 cycles, against about 80 instructions;
-// with 10 warps per scheduler that chain, not issue, set the pace
-// (docs/codec-kernel-notes.md, "Third round"). So each warp decodes two blocks at a
-// time, whose chains interleave, and fetches the next two blocks' words before
-// decoding these, so that the L2 latency is spent on work.
+// Residual of field b of a transposed word whose fields are `Field` bits: the sign in
+// the lowest bit, the magnitude above (write_planes). Unsigned arithmetic: a forged
+// stream with a valid checksum may overflow, never UB.
+template <int Field>
+__device__ __forceinline__ uint32_t field_residual(uint32_t x, int b) {
+  const uint32_t field = Field == 32 ? x : (x >> (Field * b)) & ((1u << Field) - 1u);
+  const uint32_t mag = field >> 1;
+  return (field & 1u) ? 0u - mag : mag;
+}
+
+// Inclusive sums over the lanes of v, two at a time so that the two chains of
+// dependent shuffles interleave.
+__device__ __forceinline__ void lane_prefix_sums(uint32_t& v0, uint32_t& v1, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t up0 = __shfl_up_sync(kFull, v0, o), up1 = __shfl_up_sync(kFull, v1, o);
+    if (lane >= o) {
+      v0 += up0;
+      v1 += up1;
+    }
+  }
+}
+
+// Residuals of G blocks of a group from one transpose (G = 2 or 1: the group has a
+// width above 7), loading the words in the layout write_planes wrote them from.
+template <int G>
+__device__ __forceinline__ void load_transpose(const DecodeSource& s, uint32_t j,
+                                               uint32_t width_bytes, const BitTranspose& transpose,
+                                               int lane, uint32_t* d) {
+  constexpr int kField = 32 / G;
+  const uint32_t b = lane / kField, t = lane % kField;
+  const uint32_t words = group_block_words(width_bytes >> (8 * (j % kGroupBlocks)));
+  uint32_t word = 0;
+  if (t < ((words >> (8 * b)) & 0xFFu)) word = s.planes[s.words[j + b] + t];
+  const uint32_t x = transpose(word);
+#pragma unroll
+  for (int i = 0; i < G; ++i) d[i] = field_residual<kField>(x, i);
+}
+
+// The lane's quantised values of the four blocks of a fetched group, from block j on.
+// The checks before the block loop bound every width by kMaxWidth, so lanes past a
+// block's words hold zero words and a block of width 0 decodes to zeros through the
+// same instructions.
+template <uint8_t Mode>
+__device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupFetch& g,
+                                             uint32_t j, const BitTranspose& transpose, int lane,
+                                             uint32_t (&q)[kGroupBlocks]) {
+  if ((g.width_bytes & kWiderThan7) == 0) {
+    const uint32_t x = transpose(g.word);
+#pragma unroll
+    for (int b = 0; b < kGroupBlocks; ++b) q[b] = field_residual<8>(x, b);
+    if constexpr (Mode == kOutlier) {
+      if (lane == 0) q[0] = q[1] = q[2] = q[3] = 0;
+    }
+    if constexpr (Mode != kFixed) {
+      // Widths of at most 7 bound every residual by 127 and every sum over a block by
+      // 32 * 127 < 2^15, so two blocks' sums share a word exactly: low half the first,
+      // the rest the second.
+      uint32_t lo = q[0] + (q[1] << 16), hi = q[2] + (q[3] << 16);
+      lane_prefix_sums(lo, hi, lane);
+      q[0] = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(lo & 0xFFFFu)));
+      q[1] = static_cast<uint32_t>(static_cast<int32_t>(lo - q[0]) >> 16);
+      q[2] = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(hi & 0xFFFFu)));
+      q[3] = static_cast<uint32_t>(static_cast<int32_t>(hi - q[2]) >> 16);
+    }
+  } else {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (((g.width_bytes >> (16 * p)) & kWiderThan15 & 0xFFFFu) == 0) {
+        load_transpose<2>(s, j + 2 * p, g.width_bytes, transpose, lane, q + 2 * p);
+      } else {
+        load_transpose<1>(s, j + 2 * p, g.width_bytes, transpose, lane, q + 2 * p);
+        load_transpose<1>(s, j + 2 * p + 1, g.width_bytes, transpose, lane, q + 2 * p + 1);
+      }
+    }
+    if constexpr (Mode == kOutlier) {
+      if (lane == 0) q[0] = q[1] = q[2] = q[3] = 0;
+    }
+    if constexpr (Mode != kFixed) {
+      lane_prefix_sums(q[0], q[1], lane);
+      lane_prefix_sums(q[2], q[3], lane);
+    }
+  }
+  if constexpr (Mode == kOutlier) {
+    // Lane 0's residual is not part of the stream's value: the outlier is. Read here,
+    // not fetched ahead: four more registers across the loop would spill.
+    if (g.width_bytes & 0x60606060u) {
+      const uint4 o = *reinterpret_cast<const uint4*>(s.outl + j);
+      q[0] += o.x;
+      q[1] += o.y;
+      q[2] += o.z;
+      q[3] += o.w;
+    }
+  }
+}
+
+// The block loop of decompression, built per mode: each warp decodes its run of
+// groups of four blocks (warp_blocks), one transpose a group when the widths allow,
+// and fetches the next group's words before decoding this one, so that their L2
+// latency is spent on work (docs/codec-kernel-notes.md, "Third round" and "Fourth
+// round").
 template <uint8_t Code, uint8_t Mode, bool Wraps>
-__device__ __forceinline__ void decode_blocks(const DecodeSource& s, StreamCursor cur,
+__device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, StreamCursor cur,
                                               typename CudaType<Code>::type* page, float step,
                                               uint32_t n) {
   using C = CudaType<Code>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
-  BlockFetch next0 = fetch_block<Mode>(s, warp, lane);
-  BlockFetch next1 = fetch_block<Mode>(s, warp + kWarps, lane);
-  for (uint32_t j = warp; j < s.num_blocks; j += 2 * kWarps) {
-    const BlockFetch b0 = next0, b1 = next1;
-    next0 = fetch_block<Mode>(s, j + 2 * kWarps, lane);
-    next1 = fetch_block<Mode>(s, j + 3 * kWarps, lane);
-    const uint32_t q0 = decode_block<Mode>(b0, transpose, lane);
-    const uint32_t q1 = decode_block<Mode>(b1, transpose, lane);
-    // Positions past n (padding, or a second block past the last) are not stored.
-    if (j * kBlockValues + lane < n) {
-      page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q0)), step));
+  // Blocks from here on are past n in this lane: not stored.
+  const uint32_t lane_end = static_cast<uint32_t>(lane) < n - (s.num_blocks - 1) * kBlockValues
+                                ? s.num_blocks
+                                : s.num_blocks - 1;
+  GroupFetch next = fetch_group(s, run.x, lane);
+  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
+    const GroupFetch g = next;
+    next = fetch_group(s, j + kGroupBlocks, lane);
+    uint32_t q[kGroupBlocks];
+    decode_group<Mode>(s, g, j, transpose, lane, q);
+#pragma unroll
+    for (int b = 0; b < kGroupBlocks; ++b) {
+      if (j + b < lane_end) {
+        page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q[b])), step));
+      }
+      cur.advance<Wraps>();
     }
-    cur.advance<Wraps>();
-    if ((j + kWarps) * kBlockValues + lane < n) {
-      page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q1)), step));
-    }
-    cur.advance<Wraps>();
   }
 }
 
-// Decodes a page's blocks in mode Mode. When `rows` divides the CTA's stride of
-// kThreads positions (rows 1 and 16 among them), a lane's row never changes and
-// the cursor moves by one add: a loop of its own saves the wrap test on every block.
+// Decodes a page's blocks in mode Mode. When `rows` divides a block's 32 positions
+// (rows 1 and 16 among them), a lane's row never changes and the cursor moves by one
+// add: a loop of its own saves the wrap test on every block.
 template <uint8_t Code, uint8_t Mode>
 __device__ void decode_page(const DecodeSource& s, const PageGeometry& g,
                             typename CudaType<Code>::type* page, float step, uint32_t n) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const StreamCursor cur = stream_cursor(g, warp * kBlockValues + lane, kThreads);
+  const uint2 run = warp_blocks(s.num_blocks, warp);
+  const StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
   if (cur.step_row == 0) {
-    decode_blocks<Code, Mode, false>(s, cur, page, step, n);
+    decode_blocks<Code, Mode, false>(s, run, cur, page, step, n);
   } else {
-    decode_blocks<Code, Mode, true>(s, cur, page, step, n);
+    decode_blocks<Code, Mode, true>(s, run, cur, page, step, n);
   }
 }
 
@@ -1084,9 +1153,8 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
     if (threadIdx.x == 0) a.status[idx] = status_s;
     return;
   }
-  uint8_t* dst = a.dst.page(a.dst_ids[idx]);
   if (h.flags & kFlagRaw) {
-    copy_page<T>(dst, payload, a.n);
+    copy_page<T>(a.dst.page(a.dst_ids[idx]), payload, a.n);
     if (threadIdx.x == 0) a.status[idx] = kOk;
     return;
   }
@@ -1113,8 +1181,10 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   if (h.mode == kOutlier) {
     // Each block's outlier bytes become its decoded value once, here, so that the
     // block loop reads one shared word where it would load up to three bytes from
-    // global memory. Each thread rewrites only the entries it reads.
-    for (uint32_t j = threadIdx.x; j < B; j += kThreads) {
+    // global memory. Each thread rewrites only the entries it reads. The padding
+    // blocks of the last group (width bytes 0) get 0: the loop reads a group's four
+    // outliers at once.
+    for (uint32_t j = threadIdx.x; j < round_up(B, kGroupBlocks); j += kThreads) {
       const uint32_t k = (widths[j] >> 5) & 3, at = outl[j];
       uint32_t z = 0;
       for (uint32_t i = 0; i < k; ++i) z |= static_cast<uint32_t>(outliers[at + i]) << (8 * i);
@@ -1124,18 +1194,21 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   }
   const DecodeSource source{widths, words, outl,
                             reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4)), B};
-  const PageGeometry g = geometry_s;
   switch (h.mode) {
     case kFixed:
-      decode_page<Code, kFixed>(source, g, page, h.step, a.n);
+      decode_page<Code, kFixed>(source, geometry_s, page, h.step, a.n);
       break;
     case kPlain:
-      decode_page<Code, kPlain>(source, g, page, h.step, a.n);
+      decode_page<Code, kPlain>(source, geometry_s, page, h.step, a.n);
       break;
     default:
-      decode_page<Code, kOutlier>(source, g, page, h.step, a.n);
+      decode_page<Code, kOutlier>(source, geometry_s, page, h.step, a.n);
   }
   __syncthreads();
+  // The destination and the geometry read only now: held in registers across the
+  // block loop they would be spilled.
+  uint8_t* dst = a.dst.page(a.dst_ids[idx]);
+  const PageGeometry g = geometry_s;
   if (g.padded) {
     for (uint32_t k = threadIdx.x; k < a.n * sizeof(T) / 16; k += kThreads) {
       const uint32_t* w = reinterpret_cast<const uint32_t*>(smem + staged_chunk_offset(g, k, sizeof(T)));
