@@ -402,8 +402,8 @@ __device__ __forceinline__ float tie_limit(float eb) {
 struct LaneCode {
   int32_t q;
   uint32_t d;
-  bool bad;
-  bool tie;
+  uint32_t bad;  // 0 or 1
+  uint32_t tie;  // 0 or 1
 };
 
 // Codes the values of one warp's blocks; the per-page and per-lane constants.
@@ -432,7 +432,8 @@ struct BlockCoder {
       const uint32_t prev = __shfl_up_sync(kFull, u, 1);
       d = Mode == kPlain ? u - (prev & not_first) : (u - prev) & not_first;
     }
-    return LaneCode{q, valid ? d : 0u, valid && !ok, valid && e == tie_at};
+    return LaneCode{q, valid ? d : 0u, static_cast<uint32_t>(valid && !ok),
+                    static_cast<uint32_t>(valid && e == tie_at)};
   }
 };
 
@@ -496,18 +497,20 @@ constexpr uint32_t kWiderThan15 = 0x10101010u;
 // Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
 // plane words (x) and outlier bytes (y). `check` collects the lane's bound checks:
 // bit 0 a value certainly bad, bit 1 a tie for verify_exact.
-template <uint8_t Code, uint8_t Mode>
+// Wraps: whether a lane's row changes from one block to the next (`rows` does not
+// divide 32).
+template <uint8_t Code, uint8_t Mode, bool Wraps>
 __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run, uint8_t* widths,
                                              uint32_t* check) {
   const int lane = threadIdx.x & 31;
   uint2 sizes = make_uint2(0, 0);
-  bool bad = false, tie = false;
+  uint32_t bad = 0, tie = 0;
   StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
   for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
     uint32_t width_bytes = 0;
 #pragma unroll
-    for (int b = 0; b < kGroupBlocks; ++b, cur.advance()) {
+    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
       const LaneCode c = coder.code(cur.index, j + b);
       bad |= c.bad;
       tie |= c.tie;
@@ -520,7 +523,7 @@ __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder
     }
     if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
   }
-  *check = static_cast<uint32_t>(bad) | static_cast<uint32_t>(tie) << 1;
+  *check = bad | tie << 1;
   return sizes;
 }
 
@@ -528,15 +531,20 @@ __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder
 // lane j holds column j, whose bit i is bit j of lane i's word. Five butterfly rounds,
 // each swapping the off-diagonal k x k blocks between lanes k apart, cost the same
 // for every width; one ballot per bit plane costs about six instructions a plane.
-// The lane's masks and rotations are made once, outside the block loops.
+// The lane's selectors, masks and rotations are made once, outside the block loops.
 struct BitTranspose {
-  uint32_t keep[5];  // columns a lane keeps in round r
-  uint32_t rot[5];   // left rotation that brings the partner's columns into place
+  // Rounds k = 16 and 8 move whole bytes: one byte permutation of x and the
+  // partner's y, where a rotation and a select would take two instructions.
+  uint32_t bytes[2];
+  uint32_t keep[3];  // columns a lane keeps in rounds k = 4, 2, 1
+  uint32_t rot[3];   // left rotation that brings the partner's columns into place
 
   __device__ __forceinline__ uint32_t operator()(uint32_t x) const {
 #pragma unroll
-    for (int r = 0; r < 5; ++r) {
-      const uint32_t y = __shfl_xor_sync(kFull, x, 16 >> r);
+    for (int r = 0; r < 2; ++r) x = __byte_perm(x, __shfl_xor_sync(kFull, x, 16 >> r), bytes[r]);
+#pragma unroll
+    for (int r = 0; r < 3; ++r) {
+      const uint32_t y = __shfl_xor_sync(kFull, x, 4 >> r);
       const uint32_t moved = __funnelshift_l(y, y, rot[r]);
       x = (x & keep[r]) | (moved & ~keep[r]);
     }
@@ -544,16 +552,21 @@ struct BitTranspose {
   }
 };
 
-// Round r pairs lanes k = 16 >> r apart. Lanes without bit k keep the columns
-// without it and take the partner's other columns, k places up; lanes with bit k
-// the other way round. The bits a rotation wraps round land in columns kept.
+// Round k pairs lanes k apart. Lanes without bit k keep the columns without it and
+// take the partner's other columns, k places up; lanes with bit k the other way
+// round. The bits a rotation wraps round land in columns kept. In the byte rounds,
+// byte i of the result is byte s_i of (x, y) (y's bytes numbered 4 to 7) for the
+// selector s_3 s_2 s_1 s_0: k = 16 gives (x0 x1 y0 y1) below, (y2 y3 x2 x3) above;
+// k = 8 gives (x0 y0 x2 y2) below, (y1 x1 y3 x3) above.
 __device__ __forceinline__ BitTranspose bit_transpose() {
   const int lane = threadIdx.x & 31;
-  constexpr uint32_t kLow[5] = {0x0000FFFFu, 0x00FF00FFu, 0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
+  constexpr uint32_t kLow[3] = {0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
   BitTranspose t;
+  t.bytes[0] = (lane & 16) ? 0x3276u : 0x5410u;
+  t.bytes[1] = (lane & 8) ? 0x3715u : 0x6240u;
 #pragma unroll
-  for (int r = 0; r < 5; ++r) {
-    const int k = 16 >> r;
+  for (int r = 0; r < 3; ++r) {
+    const int k = 4 >> r;
     const bool upper = lane & k;
     t.keep[r] = upper ? ~kLow[r] : kLow[r];
     // Opaque to the compiler, which would otherwise fold the mask back into kLow and
@@ -589,7 +602,7 @@ __device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint
 // Pass 2 over a warp's run: its outlier bytes into `stage` and its plane words into
 // `planes`, from the run's offsets `at` in each. A group whose widths are all at most
 // 7 (nearly all at the usual bounds) costs one transpose, not four.
-template <uint8_t Code, uint8_t Mode>
+template <uint8_t Code, uint8_t Mode, bool Wraps>
 __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run,
                                              const uint8_t* widths, uint2 at, uint32_t* planes,
@@ -601,12 +614,12 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
     const uint32_t width_bytes = *reinterpret_cast<const uint32_t*>(widths + j);
     if (width_bytes == 0) {
 #pragma unroll
-      for (int b = 0; b < kGroupBlocks; ++b) cur.advance();
+      for (int b = 0; b < kGroupBlocks; ++b) cur.advance<Wraps>();
       continue;
     }
     uint32_t d[kGroupBlocks];
 #pragma unroll
-    for (int b = 0; b < kGroupBlocks; ++b, cur.advance()) {
+    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
       const LaneCode c = coder.code(cur.index, j + b);
       d[b] = c.d;
       if constexpr (Mode == kOutlier) {
@@ -774,7 +787,13 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   const uint2 run = warp_blocks(B, warp);
   uint32_t check = 0;
   uint2 sizes = make_uint2(0, 0);
-  if (pq.raw_reason == 0) sizes = size_blocks(coder, g, run, widths, &check);
+  // rows 1 and 16, the integration's choices, divide 32: a lane's row then stays put
+  // from block to block and the cursor moves by one add.
+  const bool wraps = kBlockValues % g.rows.d != 0;
+  if (pq.raw_reason == 0) {
+    sizes = wraps ? size_blocks<Code, Mode, true>(coder, g, run, widths, &check)
+                  : size_blocks<Code, Mode, false>(coder, g, run, widths, &check);
+  }
   check = __reduce_or_sync(kFull, check);
   if (lane == 0) {
     warp_sizes[warp] = sizes;
@@ -837,8 +856,12 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // widths' padding bytes are the padding blocks of the last group, written by pass 1.
     for (uint32_t i = totals.y + threadIdx.x; i < outlier_bytes; i += kThreads) stage[i] = 0;
     const uint32_t plane_word0 = (width_bytes + outlier_bytes) / 4;
-    write_blocks(coder, g, run, widths, base, reinterpret_cast<uint32_t*>(payload) + plane_word0,
-                 stage);
+    uint32_t* planes = reinterpret_cast<uint32_t*>(payload) + plane_word0;
+    if (wraps) {
+      write_blocks<Code, Mode, true>(coder, g, run, widths, base, planes, stage);
+    } else {
+      write_blocks<Code, Mode, false>(coder, g, run, widths, base, planes, stage);
+    }
     __syncthreads();
     // The widths and outlier sections are hashed as they are copied out of shared
     // memory, the plane words in one pass over the payload as written (the barrier
@@ -975,16 +998,44 @@ __device__ __forceinline__ uint32_t field_residual(uint32_t x, int b) {
   return (field & 1u) ? 0u - mag : mag;
 }
 
+// The four residuals of a transposed word of 8-bit fields (widths at most 7, so
+// |d| <= 127), two to a word: d_0 + 2^16 d_1 and d_2 + 2^16 d_3, exact as integers.
+// Each sign flips its field by subtracting twice the magnitude, done on all four
+// bytes at once before the bytes are spread to 16-bit halves.
+__device__ __forceinline__ uint2 packed_residuals(uint32_t x) {
+  const uint32_t mags = (x >> 1) & 0x7F7F7F7Fu;
+  const uint32_t negated = mags & ((x & 0x01010101u) * 0xFFu);
+  return make_uint2(__byte_perm(mags, 0, 0x4140) - 2u * __byte_perm(negated, 0, 0x4140),
+                    __byte_perm(mags, 0, 0x4342) - 2u * __byte_perm(negated, 0, 0x4342));
+}
+
+// The two values of a word d_0 + 2^16 d_1 with |d_0|, |d_1| < 2^15.
+__device__ __forceinline__ void unpack_halves(uint32_t v, uint32_t& low, uint32_t& high) {
+  low = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(v & 0xFFFFu)));
+  high = static_cast<uint32_t>(static_cast<int32_t>(v - low) >> 16);
+}
+
+// v plus the v of the lane `delta` below, in lanes that have one. The shuffle's own
+// in-range predicate guards the add: one instruction a step where a lane test, a
+// select and an add take two.
+__device__ __forceinline__ uint32_t add_from_lane_below(uint32_t v, int delta) {
+  uint32_t sum;
+  asm("{\n\t.reg .b32 below;\n\t.reg .pred has_below;\n\t"
+      "shfl.sync.up.b32 below|has_below, %1, %2, 0, 0xffffffff;\n\t"
+      "mov.b32 %0, %1;\n\t"
+      "@has_below add.u32 %0, %0, below;\n\t}"
+      : "=r"(sum)
+      : "r"(v), "r"(delta));
+  return sum;
+}
+
 // Inclusive sums over the lanes of v, two at a time so that the two chains of
 // dependent shuffles interleave.
-__device__ __forceinline__ void lane_prefix_sums(uint32_t& v0, uint32_t& v1, int lane) {
+__device__ __forceinline__ void lane_prefix_sums(uint32_t& v0, uint32_t& v1) {
 #pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint32_t up0 = __shfl_up_sync(kFull, v0, o), up1 = __shfl_up_sync(kFull, v1, o);
-    if (lane >= o) {
-      v0 += up0;
-      v1 += up1;
-    }
+  for (int delta = 1; delta < 32; delta <<= 1) {
+    v0 = add_from_lane_below(v0, delta);
+    v1 = add_from_lane_below(v1, delta);
   }
 }
 
@@ -1013,23 +1064,15 @@ __device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupF
                                              uint32_t j, const BitTranspose& transpose, int lane,
                                              uint32_t (&q)[kGroupBlocks]) {
   if ((g.width_bytes & kWiderThan7) == 0) {
-    const uint32_t x = transpose(g.word);
-#pragma unroll
-    for (int b = 0; b < kGroupBlocks; ++b) q[b] = field_residual<8>(x, b);
+    uint2 pairs = packed_residuals(transpose(g.word));
     if constexpr (Mode == kOutlier) {
-      if (lane == 0) q[0] = q[1] = q[2] = q[3] = 0;
+      if (lane == 0) pairs = make_uint2(0, 0);
     }
-    if constexpr (Mode != kFixed) {
-      // Widths of at most 7 bound every residual by 127 and every sum over a block by
-      // 32 * 127 < 2^15, so two blocks' sums share a word exactly: low half the first,
-      // the rest the second.
-      uint32_t lo = q[0] + (q[1] << 16), hi = q[2] + (q[3] << 16);
-      lane_prefix_sums(lo, hi, lane);
-      q[0] = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(lo & 0xFFFFu)));
-      q[1] = static_cast<uint32_t>(static_cast<int32_t>(lo - q[0]) >> 16);
-      q[2] = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(hi & 0xFFFFu)));
-      q[3] = static_cast<uint32_t>(static_cast<int32_t>(hi - q[2]) >> 16);
-    }
+    // Residuals of at most 127 bound every sum over a block by 32 * 127 < 2^15, so
+    // the two blocks of a word are summed together, exactly.
+    if constexpr (Mode != kFixed) lane_prefix_sums(pairs.x, pairs.y);
+    unpack_halves(pairs.x, q[0], q[1]);
+    unpack_halves(pairs.y, q[2], q[3]);
   } else {
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
@@ -1044,8 +1087,8 @@ __device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupF
       if (lane == 0) q[0] = q[1] = q[2] = q[3] = 0;
     }
     if constexpr (Mode != kFixed) {
-      lane_prefix_sums(q[0], q[1], lane);
-      lane_prefix_sums(q[2], q[3], lane);
+      lane_prefix_sums(q[0], q[1]);
+      lane_prefix_sums(q[2], q[3]);
     }
   }
   if constexpr (Mode == kOutlier) {
@@ -1077,16 +1120,23 @@ __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, 
   const uint32_t lane_end = static_cast<uint32_t>(lane) < n - (s.num_blocks - 1) * kBlockValues
                                 ? s.num_blocks
                                 : s.num_blocks - 1;
+  // The cursor counts bytes, so a store's address is the cursor plus the page.
+  uint8_t* page_bytes = reinterpret_cast<uint8_t*>(page);
+  cur.index *= sizeof(typename C::type);
+  cur.step_index *= sizeof(typename C::type);
+  cur.wrap *= sizeof(typename C::type);
   GroupFetch next = fetch_group(s, run.x, lane);
   for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
     const GroupFetch g = next;
     next = fetch_group(s, j + kGroupBlocks, lane);
     uint32_t q[kGroupBlocks];
     decode_group<Mode>(s, g, j, transpose, lane, q);
+    const uint32_t stored = lane_end - j;  // blocks of the group this lane stores (if < 4)
 #pragma unroll
     for (int b = 0; b < kGroupBlocks; ++b) {
-      if (j + b < lane_end) {
-        page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q[b])), step));
+      if (static_cast<int32_t>(stored) > b) {
+        *reinterpret_cast<typename C::type*>(page_bytes + cur.index) =
+            C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q[b])), step));
       }
       cur.advance<Wraps>();
     }
