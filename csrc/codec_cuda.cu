@@ -39,6 +39,17 @@ constexpr int kGroupBlocks = 4;
 constexpr int kDecodeAhead = 2 * kGroupBlocks;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
+// Dynamic shared memory of either kernel (SharedLayout): the staged page from byte 0.
+extern __shared__ __align__(16) uint8_t smem[];
+
+// The block loops address the staged page by its 32-bit shared-memory address, kept
+// in the cursor: a load or store is then one instruction, where a pointer into `smem`
+// makes ptxas rebuild the shared window's base around each access (four
+// instructions) when registers are short.
+__device__ __forceinline__ uint32_t staged_page_address() {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+}
+
 template <uint8_t Code>
 struct CudaType;
 template <>
@@ -46,18 +57,44 @@ struct CudaType<kFp16> {
   using type = __half;
   __device__ static float to_f32(__half v) { return __half2float(v); }
   __device__ static __half from_f32(float v) { return __float2half_rn(v); }
+  __device__ static float load_staged(uint32_t at) {
+    uint16_t bits;
+    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at));
+    return __half2float(__ushort_as_half(bits));
+  }
+  __device__ static void store_staged(uint32_t at, float v) {
+    const uint16_t bits = __half_as_ushort(__float2half_rn(v));
+    asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+  }
 };
 template <>
 struct CudaType<kBf16> {
   using type = __nv_bfloat16;
   __device__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+  __device__ static float load_staged(uint32_t at) {
+    uint16_t bits;
+    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at));
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+  __device__ static void store_staged(uint32_t at, float v) {
+    const uint16_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+  }
 };
 template <>
 struct CudaType<kFp32> {
   using type = float;
   __device__ static float to_f32(float v) { return v; }
   __device__ static float from_f32(float v) { return v; }
+  __device__ static float load_staged(uint32_t at) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(at));
+    return v;
+  }
+  __device__ static void store_staged(uint32_t at, float v) {
+    asm volatile("st.shared.f32 [%0], %1;" ::"r"(at), "f"(v) : "memory");
+  }
 };
 
 // Look-back flag: state in the top two bits, an inclusive or partial byte count below.
@@ -198,6 +235,15 @@ __device__ __forceinline__ StreamCursor stream_cursor(const PageGeometry& g, uin
   c.step_index = c.step_row * g.pitch + step_col;
   // Passing the last row goes back rows rows and on one column (mod 2^32).
   c.wrap = 1u - c.rows * g.pitch;
+  return c;
+}
+
+// The same walk as shared-memory addresses of the staged page's elements of
+// `elem_bytes` (CudaType::load_staged, store_staged).
+__device__ __forceinline__ StreamCursor in_shared_addresses(StreamCursor c, uint32_t elem_bytes) {
+  c.index = staged_page_address() + c.index * elem_bytes;
+  c.step_index *= elem_bytes;
+  c.wrap *= elem_bytes;
   return c;
 }
 
@@ -396,55 +442,59 @@ __device__ __forceinline__ float tie_limit(float eb) {
   return eb == 0.0f ? __int_as_float(0x7FC00000) : eb;
 }
 
-// Quantised value and residual of one lane (zero for padding), and its bound check:
-// `bad` certainly fails, `tie` needs verify_exact. Residuals are unsigned so that a
-// page about to go RAW, whose q may be saturated garbage, never overflows a signed int.
+// Quantised value and residual of one lane (zero for padding), and what its bound
+// check needs: |p| and e (see tie_limit), valid false for padding. Residuals are
+// unsigned so that a page about to go RAW, whose q may be saturated garbage, never
+// overflows a signed int.
 struct LaneCode {
   int32_t q;
   uint32_t d;
-  uint32_t bad;  // 0 or 1
-  uint32_t tie;  // 0 or 1
+  float abs_p;
+  float e;
+  bool valid;
 };
 
 // Codes the values of one warp's blocks; the per-page and per-lane constants.
 template <uint8_t Code, uint8_t Mode>
 struct BlockCoder {
   using C = CudaType<Code>;
-  const typename C::type* page;
   PageQuant pq;
-  float tie_at;       // see tie_limit
   uint32_t not_first;  // all ones except in lane 0
   uint32_t lane_end;   // blocks from here on are padding in this lane
 
-  // Lane's value of block j, at shared-memory index `index` (docs/format.md,
+  // Lane's value of block j, at shared address `at` (docs/format.md,
   // "Quantisation and verification" and "Residuals").
-  __device__ __forceinline__ LaneCode code(uint32_t index, uint32_t j) const {
+  __device__ __forceinline__ LaneCode code(uint32_t at, uint32_t j) const {
     const bool valid = j < lane_end;
-    const float x = valid ? C::to_f32(page[index]) : 0.0f;
+    const float x = valid ? C::load_staged(at) : 0.0f;
     const float p = mul_rn(x, pq.inv);
     const int32_t q = __float2int_rn(p);
     const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(q), pq.step)));
-    const float e = fabsf(__fsub_rn(x, y));
-    const bool ok = (fabsf(p) <= kMaxQuant) & (e <= pq.eb);
     const uint32_t u = static_cast<uint32_t>(q);
     uint32_t d = u;
     if constexpr (Mode != kFixed) {
       const uint32_t prev = __shfl_up_sync(kFull, u, 1);
       d = Mode == kPlain ? u - (prev & not_first) : (u - prev) & not_first;
     }
-    return LaneCode{q, valid ? d : 0u, static_cast<uint32_t>(valid && !ok),
-                    static_cast<uint32_t>(valid && e == tie_at)};
+    return LaneCode{q, valid ? d : 0u, fabsf(p), fabsf(__fsub_rn(x, y)), valid};
   }
 };
 
 template <uint8_t Code, uint8_t Mode>
-__device__ __forceinline__ BlockCoder<Code, Mode> block_coder(
-    const typename CudaType<Code>::type* page, const PageQuant& pq, uint32_t n,
-    uint32_t num_blocks, int lane) {
+__device__ __forceinline__ BlockCoder<Code, Mode> block_coder(const PageQuant& pq, uint32_t n,
+                                                              uint32_t num_blocks, int lane) {
   const uint32_t last_lanes = n - (num_blocks - 1) * kBlockValues;
-  return BlockCoder<Code, Mode>{page, pq, tie_limit(pq.eb), lane > 0 ? kFull : 0u,
+  return BlockCoder<Code, Mode>{pq, lane > 0 ? kFull : 0u,
                                 static_cast<uint32_t>(lane) < last_lanes ? num_blocks
                                                                         : num_blocks - 1};
+}
+
+// The larger of a and b, NaN if either is: a lane's worst |p| and e then carry a NaN
+// to the check after the loop, which fails it as the per-value check would.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float m;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b));
+  return m;
 }
 
 __device__ __forceinline__ uint32_t magnitude(uint32_t d) {
@@ -494,36 +544,54 @@ __device__ __forceinline__ uint32_t group_block_words(uint32_t width_bytes) {
 constexpr uint32_t kWiderThan7 = 0x18181818u;
 constexpr uint32_t kWiderThan15 = 0x10101010u;
 
+// bit_length, as the bit-find instruction gives it: its index of the highest set bit
+// is all ones for 0, so one add makes the length.
+__device__ __forceinline__ uint32_t fast_bit_length(uint32_t v) {
+  uint32_t highest;
+  asm("bfind.u32 %0, %1;" : "=r"(highest) : "r"(v));
+  return highest + 1u;
+}
+
 // Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
-// plane words (x) and outlier bytes (y). `check` collects the lane's bound checks:
-// bit 0 a value certainly bad, bit 1 a tie for verify_exact.
-// Wraps: whether a lane's row changes from one block to the next (`rows` does not
-// divide 32).
+// plane words (x) and outlier bytes (y). `check` says what the lane's values need:
+// bit 0 a value certainly bad, bit 1 a tie for verify_exact (see tie_limit). Each lane
+// keeps only its worst |p| and e: the page's outcome (RAW if any value is certainly
+// bad, else verify_exact if any ties, else compressed) is the same as from the
+// per-value tests, since a worst e equal to eb with no e above it means a tie, and a
+// NaN anywhere stays NaN. Wraps: whether a lane's row changes from one block to the
+// next (`rows` does not divide 32).
 template <uint8_t Code, uint8_t Mode, bool Wraps>
 __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run, uint8_t* widths,
                                              uint32_t* check) {
   const int lane = threadIdx.x & 31;
   uint2 sizes = make_uint2(0, 0);
-  uint32_t bad = 0, tie = 0;
-  StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
+  float worst_p = 0.0f, worst_e = 0.0f;
+  StreamCursor cur = in_shared_addresses(stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
+                              sizeof(typename CudaType<Code>::type));
   for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
     uint32_t width_bytes = 0;
 #pragma unroll
     for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
       const LaneCode c = coder.code(cur.index, j + b);
-      bad |= c.bad;
-      tie |= c.tie;
-      const int f = bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
-      int k = 0;
-      if constexpr (Mode == kOutlier) k = byte_length(zigzag(__shfl_sync(kFull, c.q, 0)));
-      width_bytes |= static_cast<uint32_t>(f | (k << 5)) << (8 * b);
-      sizes.x += block_words(f);
-      sizes.y += k;
+      if (c.valid) {
+        worst_p = max_nan(worst_p, c.abs_p);
+        worst_e = max_nan(worst_e, c.e);
+      }
+      uint32_t width = fast_bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
+      if constexpr (Mode == kOutlier) {
+        const uint32_t k = (fast_bit_length(zigzag(__shfl_sync(kFull, c.q, 0))) + 7) / 8;
+        width |= k << 5;
+        sizes.y += k;
+      }
+      width_bytes |= width << (8 * b);
     }
+    sizes.x += (group_block_words(width_bytes) * 0x01010101u) >> 24;
     if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
   }
-  *check = bad | tie << 1;
+  const bool bad = !(worst_p <= kMaxQuant) || !(worst_e <= coder.pq.eb);
+  const bool tie = worst_e == tie_limit(coder.pq.eb);
+  *check = static_cast<uint32_t>(bad) | static_cast<uint32_t>(tie) << 1;
   return sizes;
 }
 
@@ -609,7 +677,8 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
                                              uint8_t* stage) {
   const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
-  StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
+  StreamCursor cur = in_shared_addresses(stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
+                              sizeof(typename CudaType<Code>::type));
   for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
     const uint32_t width_bytes = *reinterpret_cast<const uint32_t*>(widths + j);
     if (width_bytes == 0) {
@@ -685,7 +754,6 @@ template <uint8_t Code, uint8_t Mode>
 __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
-  extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint32_t scratch[kWarps];
   __shared__ uint2 warp_sizes[kWarps];  // plane words and outlier bytes of each warp's blocks
   __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_blocks)
@@ -693,6 +761,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   __shared__ PageQuant pq_s;
   __shared__ uint64_t offset_s;
   __shared__ uint32_t payload_len_s;
+  __shared__ uint32_t outlier_total_s;
   __shared__ uint8_t reason_s;
   // The source page, read again only by a RAW padded page: kept here, not in a
   // register held across both coding passes.
@@ -783,7 +852,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   const PageQuant pq = pq_s;
 
   // Pass 1: widths, section sizes and the bound check of every value.
-  const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(page, pq, a.n, B, lane);
+  const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(pq, a.n, B, lane);
   const uint2 run = warp_blocks(B, warp);
   uint32_t check = 0;
   uint2 sizes = make_uint2(0, 0);
@@ -833,6 +902,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     const uint64_t record = round_up(kHeaderBytes + payload_len, kRecordAlign);
     offset_s = look_back(a.flags, idx, record);
     payload_len_s = payload_len;
+    outlier_total_s = totals.y;
     reason_s = reason;
     a.table[3 * idx] = static_cast<int64_t>(offset_s);
     a.table[3 * idx + 1] = static_cast<int64_t>(record);
@@ -841,15 +911,12 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   __syncthreads();
 
   // Pass 2: write the payload at the record's offset, then the header.
-  uint8_t* rec = a.out + offset_s;
-  uint8_t* payload = rec + kHeaderBytes;
-  const uint32_t payload_len = payload_len_s;
-  const uint8_t reason = reason_s;
+  uint8_t* payload = a.out + offset_s + kHeaderBytes;
   uint32_t sum = 0;
-  if (reason != 0) {
+  if (reason_s != 0) {
     // A padded page is not contiguous in shared memory; its source is (aligned).
     const uint8_t* raw = g.padded ? src_s : smem;
-    sum = copy_checksum_words(payload, raw, payload_len, kHeaderChecksumWords);
+    sum = copy_checksum_words(payload, raw, payload_len_s, kHeaderChecksumWords);
   } else {
     const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
     // Padding bytes only: the blocks' bytes are written by pass 1 and below, and the
@@ -867,16 +934,24 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // memory, the plane words in one pass over the payload as written (the barrier
     // above makes them visible): hashing them in the block loop would cost the warp
     // a whole hash per block with only the f + 1 lanes holding a word busy, where
-    // this pass hashes 32 words with the same instructions.
-    sum = copy_checksum_words(payload, widths, width_bytes, kHeaderChecksumWords);
-    sum += copy_checksum_words(payload + width_bytes, stage, outlier_bytes,
+    // this pass hashes 32 words with the same instructions. The record's place and
+    // sizes come from shared memory again: held in registers across write_blocks
+    // they would crowd its loop, whose transpose constants ptxas would then rebuild
+    // on every group.
+    uint8_t* payload_at = a.out + offset_s + kHeaderBytes;
+    const uint32_t outlier_section = round_up(outlier_total_s, 4);
+    sum = copy_checksum_words(payload_at, widths, width_bytes, kHeaderChecksumWords);
+    sum += copy_checksum_words(payload_at + width_bytes, stage, outlier_section,
                                kHeaderChecksumWords + width_bytes / 4);
-    sum += checksum_range(reinterpret_cast<const uint32_t*>(payload), plane_word0,
-                          payload_len / 4, kHeaderChecksumWords);
+    sum += checksum_range(reinterpret_cast<const uint32_t*>(payload_at),
+                          (width_bytes + outlier_section) / 4, payload_len_s / 4,
+                          kHeaderChecksumWords);
   }
-  const uint32_t record_end = round_up(kHeaderBytes + payload_len, kRecordAlign);
-  for (uint32_t i = kHeaderBytes + payload_len + 4 * threadIdx.x; i < record_end; i += 4 * kThreads) {
-    *reinterpret_cast<uint32_t*>(rec + i) = 0;
+  const uint32_t record_end = round_up(kHeaderBytes + payload_len_s, kRecordAlign);
+  uint8_t* record_at = a.out + offset_s;
+  for (uint32_t i = kHeaderBytes + payload_len_s + 4 * threadIdx.x; i < record_end;
+       i += 4 * kThreads) {
+    *reinterpret_cast<uint32_t*>(record_at + i) = 0;
   }
   sum = block_reduce(sum, scratch, [](uint32_t x, uint32_t y) { return x + y; });
   if (threadIdx.x == 0) {
@@ -1111,8 +1186,7 @@ __device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupF
 // round").
 template <uint8_t Code, uint8_t Mode, bool Wraps>
 __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, StreamCursor cur,
-                                              typename CudaType<Code>::type* page, float step,
-                                              uint32_t n) {
+                                              float step, uint32_t n) {
   using C = CudaType<Code>;
   const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
@@ -1120,11 +1194,7 @@ __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, 
   const uint32_t lane_end = static_cast<uint32_t>(lane) < n - (s.num_blocks - 1) * kBlockValues
                                 ? s.num_blocks
                                 : s.num_blocks - 1;
-  // The cursor counts bytes, so a store's address is the cursor plus the page.
-  uint8_t* page_bytes = reinterpret_cast<uint8_t*>(page);
-  cur.index *= sizeof(typename C::type);
-  cur.step_index *= sizeof(typename C::type);
-  cur.wrap *= sizeof(typename C::type);
+  cur = in_shared_addresses(cur, sizeof(typename C::type));
   GroupFetch next = fetch_group(s, run.x, lane);
   for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
     const GroupFetch g = next;
@@ -1135,8 +1205,7 @@ __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, 
 #pragma unroll
     for (int b = 0; b < kGroupBlocks; ++b) {
       if (static_cast<int32_t>(stored) > b) {
-        *reinterpret_cast<typename C::type*>(page_bytes + cur.index) =
-            C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q[b])), step));
+        C::store_staged(cur.index, mul_rn(__int2float_rn(static_cast<int32_t>(q[b])), step));
       }
       cur.advance<Wraps>();
     }
@@ -1147,15 +1216,15 @@ __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, 
 // (rows 1 and 16 among them), a lane's row never changes and the cursor moves by one
 // add: a loop of its own saves the wrap test on every block.
 template <uint8_t Code, uint8_t Mode>
-__device__ void decode_page(const DecodeSource& s, const PageGeometry& g,
-                            typename CudaType<Code>::type* page, float step, uint32_t n) {
+__device__ void decode_page(const DecodeSource& s, const PageGeometry& g, float step,
+                            uint32_t n) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint2 run = warp_blocks(s.num_blocks, warp);
   const StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
   if (cur.step_row == 0) {
-    decode_blocks<Code, Mode, false>(s, run, cur, page, step, n);
+    decode_blocks<Code, Mode, false>(s, run, cur, step, n);
   } else {
-    decode_blocks<Code, Mode, true>(s, run, cur, page, step, n);
+    decode_blocks<Code, Mode, true>(s, run, cur, step, n);
   }
 }
 
@@ -1165,7 +1234,6 @@ template <uint8_t Code>
 __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
-  extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint32_t scratch[kWarps];
   __shared__ uint2 scan_scratch[kWarps];
   __shared__ __align__(16) PageHeader h_s;
@@ -1246,13 +1314,13 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
                             reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4)), B};
   switch (h.mode) {
     case kFixed:
-      decode_page<Code, kFixed>(source, geometry_s, page, h.step, a.n);
+      decode_page<Code, kFixed>(source, geometry_s, h.step, a.n);
       break;
     case kPlain:
-      decode_page<Code, kPlain>(source, geometry_s, page, h.step, a.n);
+      decode_page<Code, kPlain>(source, geometry_s, h.step, a.n);
       break;
     default:
-      decode_page<Code, kOutlier>(source, geometry_s, page, h.step, a.n);
+      decode_page<Code, kOutlier>(source, geometry_s, h.step, a.n);
   }
   __syncthreads();
   // The destination and the geometry read only now: held in registers across the
