@@ -45,7 +45,8 @@ extern __shared__ __align__(16) uint8_t smem[];
 // The block loops address the staged page by its 32-bit shared-memory address, kept
 // in the cursor: a load or store is then one instruction, where a pointer into `smem`
 // makes ptxas rebuild the shared window's base around each access (four
-// instructions) when registers are short.
+// instructions) when registers are short. The accesses are ordered like any other
+// memory access ("memory"), so barriers order them with the staging and copy-out.
 __device__ __forceinline__ uint32_t staged_page_address() {
   return static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 }
@@ -59,7 +60,7 @@ struct CudaType<kFp16> {
   __device__ static __half from_f32(float v) { return __float2half_rn(v); }
   __device__ static float load_staged(uint32_t at) {
     uint16_t bits;
-    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at));
+    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at) : "memory");
     return __half2float(__ushort_as_half(bits));
   }
   __device__ static void store_staged(uint32_t at, float v) {
@@ -74,7 +75,7 @@ struct CudaType<kBf16> {
   __device__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
   __device__ static float load_staged(uint32_t at) {
     uint16_t bits;
-    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at));
+    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at) : "memory");
     return __bfloat162float(__ushort_as_bfloat16(bits));
   }
   __device__ static void store_staged(uint32_t at, float v) {
@@ -89,7 +90,7 @@ struct CudaType<kFp32> {
   __device__ static float from_f32(float v) { return v; }
   __device__ static float load_staged(uint32_t at) {
     float v;
-    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(at));
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(at) : "memory");
     return v;
   }
   __device__ static void store_staged(uint32_t at, float v) {
