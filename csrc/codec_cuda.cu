@@ -749,6 +749,71 @@ __device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t 
   return exclusive;
 }
 
+// The range of the 16-byte chunks a thread stages. Half-precision values are taken
+// in pairs, one min and one max instruction for two values, where converting and
+// testing each value took about five; the NaN-propagating forms carry a NaN to the
+// end, and a NaN or infinite bound there marks the page non-finite, with no test of
+// each value. Bounds start at -Inf (max) and +Inf (min), which no value leaves
+// infinite unless it is.
+__device__ __forceinline__ void broadcast(float v, __half2& pair) { pair = __float2half2_rn(v); }
+__device__ __forceinline__ void broadcast(float v, __nv_bfloat162& pair) {
+  pair = __float2bfloat162_rn(v);
+}
+
+template <typename Pair>
+struct HalfPairRange {
+  Pair hi, lo;
+  __device__ HalfPairRange() {
+    broadcast(-INFINITY, hi);
+    broadcast(INFINITY, lo);
+  }
+  __device__ __forceinline__ void add(uint4 chunk) {
+    const Pair* pairs = reinterpret_cast<const Pair*>(&chunk);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      hi = __hmax2_nan(hi, pairs[i]);
+      lo = __hmin2_nan(lo, pairs[i]);
+    }
+  }
+  __device__ __forceinline__ void finish(float& mx, float& mn, bool& nonfinite) const {
+    const float h0 = __low2float(hi), h1 = __high2float(hi);
+    const float l0 = __low2float(lo), l1 = __high2float(lo);
+    nonfinite |= !(h0 < INFINITY) || !(h1 < INFINITY) || !(l0 > -INFINITY) ||
+                 !(l1 > -INFINITY);
+    mx = fmaxf(mx, fmaxf(h0, h1));
+    mn = fminf(mn, fminf(l0, l1));
+  }
+};
+
+__device__ __forceinline__ float min_nan(float a, float b) {
+  float m;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b));
+  return m;
+}
+
+struct FloatRange {
+  float hi, lo;
+  __device__ FloatRange() : hi(-INFINITY), lo(INFINITY) {}
+  __device__ __forceinline__ void add(uint4 chunk) {
+    const float* v = reinterpret_cast<const float*>(&chunk);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      hi = max_nan(hi, v[i]);
+      lo = min_nan(lo, v[i]);
+    }
+  }
+  __device__ __forceinline__ void finish(float& mx, float& mn, bool& nonfinite) const {
+    nonfinite |= !(hi < INFINITY) || !(lo > -INFINITY);
+    mx = fmaxf(mx, hi);
+    mn = fminf(mn, lo);
+  }
+};
+
+template <uint8_t Code>
+using ChunkRange = std::conditional_t<
+    Code == kFp32, FloatRange,
+    HalfPairRange<std::conditional_t<Code == kFp16, __half2, __nv_bfloat162>>>;
+
 // Five CTAs an SM, as many as shared memory allows for 32 KiB pages; unbounded,
 // ptxas takes 56 registers (four CTAs).
 template <uint8_t Code, uint8_t Mode>
@@ -797,7 +862,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   float mx = -INFINITY, mn = INFINITY;
   bool nonfinite = false;
   if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0) {
-    constexpr int per = 16 / sizeof(T);
+    ChunkRange<Code> chunk_range;
     // Several loads in flight per thread before any is used: one at a time leaves
     // the memory system idle for most of a page's staging.
     constexpr int kInFlight = 4;
@@ -822,16 +887,10 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
         } else {
           reinterpret_cast<uint4*>(smem)[k] = v[u];
         }
-        const T* e = reinterpret_cast<const T*>(&v[u]);
-#pragma unroll
-        for (int q = 0; q < per; ++q) {
-          const float f = C::to_f32(e[q]);
-          nonfinite |= !isfinite(f);
-          mx = fmaxf(mx, f);
-          mn = fminf(mn, f);
-        }
+        chunk_range.add(v[u]);
       }
     }
+    chunk_range.finish(mx, mn, nonfinite);
   } else {
     for (uint32_t i = threadIdx.x; i < a.n; i += kThreads) {
       const T v = reinterpret_cast<const T*>(src)[i];
