@@ -959,14 +959,16 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
         payload_len = packed;
       }
     }
-    const uint64_t record = round_up(kHeaderBytes + payload_len, kRecordAlign);
-    offset_s = look_back(a.flags, idx, record);
+    // The table row is written from shared memory after the look-back's wait: held
+    // in registers across it, its values are spilled on some targets (sm_100).
     payload_len_s = payload_len;
     outlier_total_s = totals.y;
     reason_s = reason;
-    a.table[3 * idx] = static_cast<int64_t>(offset_s);
-    a.table[3 * idx + 1] = static_cast<int64_t>(record);
-    a.table[3 * idx + 2] = reason;
+    offset_s = look_back(a.flags, idx, round_up(kHeaderBytes + payload_len, kRecordAlign));
+    int64_t* row = a.table + 3 * page_index;
+    row[0] = static_cast<int64_t>(offset_s);
+    row[1] = round_up(kHeaderBytes + payload_len_s, kRecordAlign);
+    row[2] = reason_s;
   }
   __syncthreads();
 
