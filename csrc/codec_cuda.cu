@@ -2,9 +2,10 @@
 //
 // One thread block (CTA) codes one page. The page is staged in shared memory (rows
 // padded against bank conflicts, see PageGeometry), so the column-major stream
-// order costs next to nothing, and each warp codes one 32-value block at a time:
-// lane i holds value i, a warp OR gives the width and a warp bit-matrix transpose
-// gives the bit-plane words (and, decoding, the magnitudes back). Compression finds
+// order costs next to nothing, and each warp codes its blocks of 32 values four at
+// a time: lane i holds value i of each, a warp OR gives a block's width, and one warp
+// bit-matrix transpose gives the bit-plane words of all four blocks when their widths
+// are small (and, decoding, their residuals back). Compression finds
 // each page's output offset with a single-pass decoupled look-back over the pages
 // before it, so the whole batch is one launch with no host round trip.
 // docs/codec-kernel-notes.md says where the instructions per value go.
@@ -568,8 +569,9 @@ __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder
   const int lane = threadIdx.x & 31;
   uint2 sizes = make_uint2(0, 0);
   float worst_p = 0.0f, worst_e = 0.0f;
-  StreamCursor cur = in_shared_addresses(stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
-                              sizeof(typename CudaType<Code>::type));
+  StreamCursor cur = in_shared_addresses(
+      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
+      sizeof(typename CudaType<Code>::type));
   for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
     uint32_t width_bytes = 0;
 #pragma unroll
@@ -678,8 +680,9 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
                                              uint8_t* stage) {
   const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
-  StreamCursor cur = in_shared_addresses(stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
-                              sizeof(typename CudaType<Code>::type));
+  StreamCursor cur = in_shared_addresses(
+      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
+      sizeof(typename CudaType<Code>::type));
   for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
     const uint32_t width_bytes = *reinterpret_cast<const uint32_t*>(widths + j);
     if (width_bytes == 0) {
