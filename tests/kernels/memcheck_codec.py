@@ -18,8 +18,8 @@ def main() -> None:
         for mode in CodecMode:
             base = torch.randn(64, 1031, generator=g).cumsum(1).to(dtype).cuda()
             # Aligned rows padded in shared memory, unaligned rows, odd page sizes; rows
-            # that divide the decoder's 256 positions a pass (8, 1) and rows that do not
-            # (48), which take different block loops.
+            # that divide a block's 32 positions (8, 1) and rows that do not (48), which
+            # take different block loops.
             for pages, rows in ((base[:, :1024].contiguous(), 8), (base[:, :1024], 8),
                                 (base[:, 1:1000], 1), (base[:, :960].contiguous(), 48)):
                 n = pages.shape[1]
