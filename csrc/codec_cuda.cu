@@ -756,8 +756,8 @@ __device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t 
 // in pairs, one min and one max instruction for two values, where converting and
 // testing each value took about five; the NaN-propagating forms carry a NaN to the
 // end, and a NaN or infinite bound there marks the page non-finite, with no test of
-// each value. Bounds start at -Inf (max) and +Inf (min), which no value leaves
-// infinite unless it is.
+// each value. The max starts at -Inf and the min at +Inf, which that test (max below
+// +Inf, min above -Inf) passes, so a thread that stages no chunk is not flagged.
 __device__ __forceinline__ void broadcast(float v, __half2& pair) { pair = __float2half2_rn(v); }
 __device__ __forceinline__ void broadcast(float v, __nv_bfloat162& pair) {
   pair = __float2bfloat162_rn(v);
@@ -1156,8 +1156,8 @@ __device__ __forceinline__ void unpack_halves(uint32_t v, uint32_t& low, uint32_
 }
 
 // v plus the v of the lane `delta` below, in lanes that have one. The shuffle's own
-// in-range predicate guards the add: one instruction a step where a lane test, a
-// select and an add take two.
+// in-range predicate guards the add: a step is the shuffle and one predicated add,
+// where testing the lane index took a select and an add after the shuffle.
 __device__ __forceinline__ uint32_t add_from_lane_below(uint32_t v, int delta) {
   uint32_t sum;
   asm("{\n\t.reg .b32 below;\n\t.reg .pred has_below;\n\t"
