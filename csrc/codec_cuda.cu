@@ -1307,7 +1307,6 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
 
   __shared__ PageGeometry geometry_s;
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
-  T* page = reinterpret_cast<T*>(smem);
   uint8_t* widths = smem + L.widths_at();
   uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
   uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
