@@ -2,9 +2,10 @@
 //
 // One thread block (CTA) codes one page. The page is staged in shared memory (rows
 // padded against bank conflicts, see PageGeometry), so the column-major stream
-// order costs next to nothing, and each warp codes one 32-value block at a time:
-// lane i holds value i, a warp OR gives the width and a warp bit-matrix transpose
-// gives the bit-plane words (and, decoding, the magnitudes back). Compression finds
+// order costs next to nothing, and each warp codes its blocks of 32 values four at
+// a time: lane i holds value i of each, a warp OR gives a block's width, and one warp
+// bit-matrix transpose gives the bit-plane words of all four blocks when their widths
+// are small (and, decoding, their residuals back). Compression finds
 // each page's output offset with a single-pass decoupled look-back over the pages
 // before it, so the whole batch is one launch with no host round trip.
 // docs/codec-kernel-notes.md says where the instructions per value go.
@@ -29,10 +30,27 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Decompression fetches the words of the blocks it decodes next, up to this many
-// block indices past the last one; their width bytes read as zero.
-constexpr int kDecodeAhead = 3 * kWarps;
+// Blocks are coded in groups of four consecutive blocks, whose width bytes are one
+// aligned word: a warp bit transpose has room for the planes of four blocks of
+// width up to 7 (see write_planes), and the width bytes move four at a time.
+constexpr int kGroupBlocks = 4;
+// Decompression fetches the group it decodes next, up to a group past the last one
+// (which may itself end three blocks past the last block); these width bytes read as
+// zero.
+constexpr int kDecodeAhead = 2 * kGroupBlocks;
 constexpr unsigned kFull = 0xFFFFFFFFu;
+
+// Dynamic shared memory of either kernel (SharedLayout): the staged page from byte 0.
+extern __shared__ __align__(16) uint8_t smem[];
+
+// The block loops address the staged page by its 32-bit shared-memory address, kept
+// in the cursor: a load or store is then one instruction, where a pointer into `smem`
+// makes ptxas rebuild the shared window's base around each access (four
+// instructions) when registers are short. The accesses are ordered like any other
+// memory access ("memory"), so barriers order them with the staging and copy-out.
+__device__ __forceinline__ uint32_t staged_page_address() {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+}
 
 template <uint8_t Code>
 struct CudaType;
@@ -41,18 +59,44 @@ struct CudaType<kFp16> {
   using type = __half;
   __device__ static float to_f32(__half v) { return __half2float(v); }
   __device__ static __half from_f32(float v) { return __float2half_rn(v); }
+  __device__ static float load_staged(uint32_t at) {
+    uint16_t bits;
+    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at) : "memory");
+    return __half2float(__ushort_as_half(bits));
+  }
+  __device__ static void store_staged(uint32_t at, float v) {
+    const uint16_t bits = __half_as_ushort(__float2half_rn(v));
+    asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+  }
 };
 template <>
 struct CudaType<kBf16> {
   using type = __nv_bfloat16;
   __device__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+  __device__ static float load_staged(uint32_t at) {
+    uint16_t bits;
+    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at) : "memory");
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+  __device__ static void store_staged(uint32_t at, float v) {
+    const uint16_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+  }
 };
 template <>
 struct CudaType<kFp32> {
   using type = float;
   __device__ static float to_f32(float v) { return v; }
   __device__ static float from_f32(float v) { return v; }
+  __device__ static float load_staged(uint32_t at) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(at) : "memory");
+    return v;
+  }
+  __device__ static void store_staged(uint32_t at, float v) {
+    asm volatile("st.shared.f32 [%0], %1;" ::"r"(at), "f"(v) : "memory");
+  }
 };
 
 // Look-back flag: state in the top two bits, an inclusive or partial byte count below.
@@ -193,6 +237,15 @@ __device__ __forceinline__ StreamCursor stream_cursor(const PageGeometry& g, uin
   c.step_index = c.step_row * g.pitch + step_col;
   // Passing the last row goes back rows rows and on one column (mod 2^32).
   c.wrap = 1u - c.rows * g.pitch;
+  return c;
+}
+
+// The same walk as shared-memory addresses of the staged page's elements of
+// `elem_bytes` (CudaType::load_staged, store_staged).
+__device__ __forceinline__ StreamCursor in_shared_addresses(StreamCursor c, uint32_t elem_bytes) {
+  c.index = staged_page_address() + c.index * elem_bytes;
+  c.step_index *= elem_bytes;
+  c.wrap *= elem_bytes;
   return c;
 }
 
@@ -391,54 +444,59 @@ __device__ __forceinline__ float tie_limit(float eb) {
   return eb == 0.0f ? __int_as_float(0x7FC00000) : eb;
 }
 
-// Quantised value and residual of one lane (zero for padding), and its bound check:
-// `bad` certainly fails, `tie` needs verify_exact. Residuals are unsigned so that a
-// page about to go RAW, whose q may be saturated garbage, never overflows a signed int.
+// Quantised value and residual of one lane (zero for padding), and what its bound
+// check needs: |p| and e (see tie_limit), valid false for padding. Residuals are
+// unsigned so that a page about to go RAW, whose q may be saturated garbage, never
+// overflows a signed int.
 struct LaneCode {
   int32_t q;
   uint32_t d;
-  bool bad;
-  bool tie;
+  float abs_p;
+  float e;
+  bool valid;
 };
 
 // Codes the values of one warp's blocks; the per-page and per-lane constants.
 template <uint8_t Code, uint8_t Mode>
 struct BlockCoder {
   using C = CudaType<Code>;
-  const typename C::type* page;
   PageQuant pq;
-  float tie_at;       // see tie_limit
   uint32_t not_first;  // all ones except in lane 0
   uint32_t lane_end;   // blocks from here on are padding in this lane
 
-  // Lane's value of block j, at shared-memory index `index` (docs/format.md,
+  // Lane's value of block j, at shared address `at` (docs/format.md,
   // "Quantisation and verification" and "Residuals").
-  __device__ __forceinline__ LaneCode code(uint32_t index, uint32_t j) const {
+  __device__ __forceinline__ LaneCode code(uint32_t at, uint32_t j) const {
     const bool valid = j < lane_end;
-    const float x = valid ? C::to_f32(page[index]) : 0.0f;
+    const float x = valid ? C::load_staged(at) : 0.0f;
     const float p = mul_rn(x, pq.inv);
     const int32_t q = __float2int_rn(p);
     const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(q), pq.step)));
-    const float e = fabsf(__fsub_rn(x, y));
-    const bool ok = (fabsf(p) <= kMaxQuant) & (e <= pq.eb);
     const uint32_t u = static_cast<uint32_t>(q);
     uint32_t d = u;
     if constexpr (Mode != kFixed) {
       const uint32_t prev = __shfl_up_sync(kFull, u, 1);
       d = Mode == kPlain ? u - (prev & not_first) : (u - prev) & not_first;
     }
-    return LaneCode{q, valid ? d : 0u, valid && !ok, valid && e == tie_at};
+    return LaneCode{q, valid ? d : 0u, fabsf(p), fabsf(__fsub_rn(x, y)), valid};
   }
 };
 
 template <uint8_t Code, uint8_t Mode>
-__device__ __forceinline__ BlockCoder<Code, Mode> block_coder(
-    const typename CudaType<Code>::type* page, const PageQuant& pq, uint32_t n,
-    uint32_t num_blocks, int lane) {
+__device__ __forceinline__ BlockCoder<Code, Mode> block_coder(const PageQuant& pq, uint32_t n,
+                                                              uint32_t num_blocks, int lane) {
   const uint32_t last_lanes = n - (num_blocks - 1) * kBlockValues;
-  return BlockCoder<Code, Mode>{page, pq, tie_limit(pq.eb), lane > 0 ? kFull : 0u,
+  return BlockCoder<Code, Mode>{pq, lane > 0 ? kFull : 0u,
                                 static_cast<uint32_t>(lane) < last_lanes ? num_blocks
                                                                         : num_blocks - 1};
+}
+
+// The larger of a and b, NaN if either is: a lane's worst |p| and e then carry a NaN
+// to the check after the loop, which fails it as the per-value check would.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float m;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b));
+  return m;
 }
 
 __device__ __forceinline__ uint32_t magnitude(uint32_t d) {
@@ -465,34 +523,77 @@ __device__ bool verify_exact(const typename CudaType<Code>::type* page, uint32_t
   return __syncthreads_or(bad);
 }
 
-// Each warp codes one contiguous run of blocks [x, y), so it keeps its own running
-// offsets in the planes and outlier sections and needs no per-block scan.
+// Each warp codes one contiguous run of whole groups, blocks [x, y), so it keeps its
+// own running offsets in the planes and outlier sections and needs no per-block
+// scan. The last run may end up to three blocks past num_blocks: those padding
+// blocks have width 0.
 __device__ __forceinline__ uint2 warp_blocks(uint32_t num_blocks, int warp) {
-  return make_uint2(warp * num_blocks / kWarps, (warp + 1) * num_blocks / kWarps);
+  const uint32_t groups = (num_blocks + kGroupBlocks - 1) / kGroupBlocks;
+  return make_uint2(warp * groups / kWarps * kGroupBlocks,
+                    (warp + 1) * groups / kWarps * kGroupBlocks);
 }
 
-// Pass 1 over a warp's run: each block's width byte, and the run's plane words (x)
-// and outlier bytes (y). `check` collects the lane's bound checks: bit 0 a value
-// certainly bad, bit 1 a tie for verify_exact.
-template <uint8_t Code, uint8_t Mode>
+// Plane words of each block of a group, one a byte (block_words: f + 1, or 0 when
+// f is 0), from the group's width bytes. Every width is at most kMaxWidth, so no
+// byte carries into the next.
+__device__ __forceinline__ uint32_t group_block_words(uint32_t width_bytes) {
+  const uint32_t f = width_bytes & 0x1F1F1F1Fu;
+  return f + (((f + 0x7F7F7F7Fu) & 0x80808080u) >> 7);
+}
+
+// Width masks of a group's bytes: no width above 7 (one transpose codes the four
+// blocks) or, per pair of blocks, none above 15 (one transpose codes the pair).
+constexpr uint32_t kWiderThan7 = 0x18181818u;
+constexpr uint32_t kWiderThan15 = 0x10101010u;
+
+// bit_length, as the bit-find instruction gives it: its index of the highest set bit
+// is all ones for 0, so one add makes the length.
+__device__ __forceinline__ uint32_t fast_bit_length(uint32_t v) {
+  uint32_t highest;
+  asm("bfind.u32 %0, %1;" : "=r"(highest) : "r"(v));
+  return highest + 1u;
+}
+
+// Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
+// plane words (x) and outlier bytes (y). `check` says what the lane's values need:
+// bit 0 a value certainly bad, bit 1 a tie for verify_exact (see tie_limit). Each lane
+// keeps only its worst |p| and e: the page's outcome (RAW if any value is certainly
+// bad, else verify_exact if any ties, else compressed) is the same as from the
+// per-value tests, since a worst e equal to eb with no e above it means a tie, and a
+// NaN anywhere stays NaN. Wraps: whether a lane's row changes from one block to the
+// next (`rows` does not divide 32).
+template <uint8_t Code, uint8_t Mode, bool Wraps>
 __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run, uint8_t* widths,
                                              uint32_t* check) {
   const int lane = threadIdx.x & 31;
   uint2 sizes = make_uint2(0, 0);
-  bool bad = false, tie = false;
-  StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
-  for (uint32_t j = run.x; j < run.y; ++j, cur.advance()) {
-    const LaneCode c = coder.code(cur.index, j);
-    bad |= c.bad;
-    tie |= c.tie;
-    const int f = bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
-    int k = 0;
-    if constexpr (Mode == kOutlier) k = byte_length(zigzag(__shfl_sync(kFull, c.q, 0)));
-    if (lane == 0) widths[j] = static_cast<uint8_t>(f | (k << 5));
-    sizes.x += block_words(f);
-    sizes.y += k;
+  float worst_p = 0.0f, worst_e = 0.0f;
+  StreamCursor cur = in_shared_addresses(
+      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
+      sizeof(typename CudaType<Code>::type));
+  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
+    uint32_t width_bytes = 0;
+#pragma unroll
+    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
+      const LaneCode c = coder.code(cur.index, j + b);
+      if (c.valid) {
+        worst_p = max_nan(worst_p, c.abs_p);
+        worst_e = max_nan(worst_e, c.e);
+      }
+      uint32_t width = fast_bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
+      if constexpr (Mode == kOutlier) {
+        const uint32_t k = (fast_bit_length(zigzag(__shfl_sync(kFull, c.q, 0))) + 7) / 8;
+        width |= k << 5;
+        sizes.y += k;
+      }
+      width_bytes |= width << (8 * b);
+    }
+    sizes.x += (group_block_words(width_bytes) * 0x01010101u) >> 24;
+    if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
   }
+  const bool bad = !(worst_p <= kMaxQuant) || !(worst_e <= coder.pq.eb);
+  const bool tie = worst_e == tie_limit(coder.pq.eb);
   *check = static_cast<uint32_t>(bad) | static_cast<uint32_t>(tie) << 1;
   return sizes;
 }
@@ -501,15 +602,20 @@ __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder
 // lane j holds column j, whose bit i is bit j of lane i's word. Five butterfly rounds,
 // each swapping the off-diagonal k x k blocks between lanes k apart, cost the same
 // for every width; one ballot per bit plane costs about six instructions a plane.
-// The lane's masks and rotations are made once, outside the block loops.
+// The lane's selectors, masks and rotations are made once, outside the block loops.
 struct BitTranspose {
-  uint32_t keep[5];  // columns a lane keeps in round r
-  uint32_t rot[5];   // left rotation that brings the partner's columns into place
+  // Rounds k = 16 and 8 move whole bytes: one byte permutation of x and the
+  // partner's y, where a rotation and a select would take two instructions.
+  uint32_t bytes[2];
+  uint32_t keep[3];  // columns a lane keeps in rounds k = 4, 2, 1
+  uint32_t rot[3];   // left rotation that brings the partner's columns into place
 
   __device__ __forceinline__ uint32_t operator()(uint32_t x) const {
 #pragma unroll
-    for (int r = 0; r < 5; ++r) {
-      const uint32_t y = __shfl_xor_sync(kFull, x, 16 >> r);
+    for (int r = 0; r < 2; ++r) x = __byte_perm(x, __shfl_xor_sync(kFull, x, 16 >> r), bytes[r]);
+#pragma unroll
+    for (int r = 0; r < 3; ++r) {
+      const uint32_t y = __shfl_xor_sync(kFull, x, 4 >> r);
       const uint32_t moved = __funnelshift_l(y, y, rot[r]);
       x = (x & keep[r]) | (moved & ~keep[r]);
     }
@@ -517,16 +623,21 @@ struct BitTranspose {
   }
 };
 
-// Round r pairs lanes k = 16 >> r apart. Lanes without bit k keep the columns
-// without it and take the partner's other columns, k places up; lanes with bit k
-// the other way round. The bits a rotation wraps round land in columns kept.
+// Round k pairs lanes k apart. Lanes without bit k keep the columns without it and
+// take the partner's other columns, k places up; lanes with bit k the other way
+// round. The bits a rotation wraps round land in columns kept. In the byte rounds,
+// byte i of the result is byte s_i of (x, y) (y's bytes numbered 4 to 7) for the
+// selector s_3 s_2 s_1 s_0: k = 16 gives (x0 x1 y0 y1) below, (y2 y3 x2 x3) above;
+// k = 8 gives (x0 y0 x2 y2) below, (y1 x1 y3 x3) above.
 __device__ __forceinline__ BitTranspose bit_transpose() {
   const int lane = threadIdx.x & 31;
-  constexpr uint32_t kLow[5] = {0x0000FFFFu, 0x00FF00FFu, 0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
+  constexpr uint32_t kLow[3] = {0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
   BitTranspose t;
+  t.bytes[0] = (lane & 16) ? 0x3276u : 0x5410u;
+  t.bytes[1] = (lane & 8) ? 0x3715u : 0x6240u;
 #pragma unroll
-  for (int r = 0; r < 5; ++r) {
-    const int k = 16 >> r;
+  for (int r = 0; r < 3; ++r) {
+    const int k = 4 >> r;
     const bool upper = lane & k;
     t.keep[r] = upper ? ~kLow[r] : kLow[r];
     // Opaque to the compiler, which would otherwise fold the mask back into kLow and
@@ -537,43 +648,82 @@ __device__ __forceinline__ BitTranspose bit_transpose() {
   return t;
 }
 
-// Writes one block's f + 1 plane words from `at` on: lane 0 the sign word, lane b + 1
-// the word of magnitude bit b.
-__device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint32_t d, int f,
+// Writes the plane words of G consecutive blocks (G = 1, 2 or 4) with one warp
+// transpose, from plane word `at` on; `words` holds each block's word count, one a
+// byte, and d[b] is the lane's residual in block b. Lane i's row packs a field of
+// 32 / G bits per block, the sign in its lowest bit and the magnitude above, so that
+// after the transpose lane (32 / G) * b + t holds word t of block b in the order of
+// docs/format.md: the sign word, then magnitude bits 0, 1, ... Every width of the G
+// blocks must be below 32 / G.
+template <int G>
+__device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint32_t words,
+                                             const uint32_t (&d)[G],
                                              const BitTranspose& transpose) {
-  const int lane = threadIdx.x & 31;
-  const uint32_t sign = __ballot_sync(kFull, static_cast<int32_t>(d) < 0);
-  const uint32_t plane = __shfl_up_sync(kFull, transpose(magnitude(d)), 1);
-  if (lane <= f) planes[at + lane] = lane == 0 ? sign : plane;
+  constexpr int kField = 32 / G;
+  const int lane = threadIdx.x & 31, b = lane / kField, t = lane % kField;
+  uint32_t row = 0;
+#pragma unroll
+  for (int i = 0; i < G; ++i) row |= (magnitude(d[i]) << 1 | d[i] >> 31) << (kField * i);
+  const uint32_t word = transpose(row);
+  // Words of the blocks before this lane's block: byte b of words * 0x01010100.
+  const uint32_t before = ((words * 0x01010100u) >> (8 * b)) & 0xFFu;
+  if (static_cast<uint32_t>(t) < ((words >> (8 * b)) & 0xFFu)) planes[at + before + t] = word;
 }
 
 // Pass 2 over a warp's run: its outlier bytes into `stage` and its plane words into
-// `planes`, from the run's offsets `at` in each.
-template <uint8_t Code, uint8_t Mode>
+// `planes`, from the run's offsets `at` in each. A group whose widths are all at most
+// 7 (nearly all at the usual bounds) costs one transpose, not four.
+template <uint8_t Code, uint8_t Mode, bool Wraps>
 __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run,
                                              const uint8_t* widths, uint2 at, uint32_t* planes,
                                              uint8_t* stage) {
   const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
-  StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
-  for (uint32_t j = run.x; j < run.y; ++j, cur.advance()) {
-    const uint8_t wb = widths[j];
-    if (wb == 0) continue;
-    const LaneCode c = coder.code(cur.index, j);
-    if constexpr (Mode == kOutlier) {
-      const int k = wb >> 5;
-      if (lane == 0) {
-        const uint32_t z = zigzag(c.q);
-        for (int b = 0; b < k; ++b) stage[at.y + b] = static_cast<uint8_t>(z >> (8 * b));
+  StreamCursor cur = in_shared_addresses(
+      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
+      sizeof(typename CudaType<Code>::type));
+  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
+    const uint32_t width_bytes = *reinterpret_cast<const uint32_t*>(widths + j);
+    if (width_bytes == 0) {
+#pragma unroll
+      for (int b = 0; b < kGroupBlocks; ++b) cur.advance<Wraps>();
+      continue;
+    }
+    uint32_t d[kGroupBlocks];
+#pragma unroll
+    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
+      const LaneCode c = coder.code(cur.index, j + b);
+      d[b] = c.d;
+      if constexpr (Mode == kOutlier) {
+        const int k = (width_bytes >> (8 * b + 5)) & 3;
+        if (lane == 0) {
+          const uint32_t z = zigzag(c.q);
+          for (int i = 0; i < k; ++i) stage[at.y + i] = static_cast<uint8_t>(z >> (8 * i));
+        }
+        at.y += k;
       }
-      at.y += k;
     }
-    const int f = wb & 31;
-    if (f > 0) {
-      write_planes(planes, at.x, c.d, f, transpose);
-      at.x += block_words(f);
+    const uint32_t words = group_block_words(width_bytes);
+    if ((width_bytes & kWiderThan7) == 0) {
+      write_planes<4>(planes, at.x, words, d, transpose);
+    } else {
+      uint32_t pair_at = at.x;
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const uint32_t pair_words = (words >> (16 * p)) & 0xFFFFu;
+        const uint32_t pair_d[2] = {d[2 * p], d[2 * p + 1]};
+        if (((width_bytes >> (16 * p)) & kWiderThan15 & 0xFFFFu) == 0) {
+          write_planes<2>(planes, pair_at, pair_words, pair_d, transpose);
+        } else {
+          write_planes<1>(planes, pair_at, pair_words & 0xFFu, {pair_d[0]}, transpose);
+          write_planes<1>(planes, pair_at + (pair_words & 0xFFu), pair_words >> 8, {pair_d[1]},
+                          transpose);
+        }
+        pair_at += (pair_words & 0xFFu) + (pair_words >> 8);
+      }
     }
+    at.x += (words * 0x01010101u) >> 24;
   }
 }
 
@@ -602,11 +752,77 @@ __device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t 
   return exclusive;
 }
 
+// The range of the 16-byte chunks a thread stages. Half-precision values are taken
+// in pairs, one min and one max instruction for two values, where converting and
+// testing each value took about five; the NaN-propagating forms carry a NaN to the
+// end, and a NaN or infinite bound there marks the page non-finite, with no test of
+// each value. The max starts at -Inf and the min at +Inf, which that test (max below
+// +Inf, min above -Inf) passes, so a thread that stages no chunk is not flagged.
+__device__ __forceinline__ void broadcast(float v, __half2& pair) { pair = __float2half2_rn(v); }
+__device__ __forceinline__ void broadcast(float v, __nv_bfloat162& pair) {
+  pair = __float2bfloat162_rn(v);
+}
+
+template <typename Pair>
+struct HalfPairRange {
+  Pair hi, lo;
+  __device__ HalfPairRange() {
+    broadcast(-INFINITY, hi);
+    broadcast(INFINITY, lo);
+  }
+  __device__ __forceinline__ void add(uint4 chunk) {
+    const Pair* pairs = reinterpret_cast<const Pair*>(&chunk);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      hi = __hmax2_nan(hi, pairs[i]);
+      lo = __hmin2_nan(lo, pairs[i]);
+    }
+  }
+  __device__ __forceinline__ void finish(float& mx, float& mn, bool& nonfinite) const {
+    const float h0 = __low2float(hi), h1 = __high2float(hi);
+    const float l0 = __low2float(lo), l1 = __high2float(lo);
+    nonfinite |= !(h0 < INFINITY) || !(h1 < INFINITY) || !(l0 > -INFINITY) ||
+                 !(l1 > -INFINITY);
+    mx = fmaxf(mx, fmaxf(h0, h1));
+    mn = fminf(mn, fminf(l0, l1));
+  }
+};
+
+__device__ __forceinline__ float min_nan(float a, float b) {
+  float m;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b));
+  return m;
+}
+
+struct FloatRange {
+  float hi, lo;
+  __device__ FloatRange() : hi(-INFINITY), lo(INFINITY) {}
+  __device__ __forceinline__ void add(uint4 chunk) {
+    const float* v = reinterpret_cast<const float*>(&chunk);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      hi = max_nan(hi, v[i]);
+      lo = min_nan(lo, v[i]);
+    }
+  }
+  __device__ __forceinline__ void finish(float& mx, float& mn, bool& nonfinite) const {
+    nonfinite |= !(hi < INFINITY) || !(lo > -INFINITY);
+    mx = fmaxf(mx, hi);
+    mn = fminf(mn, lo);
+  }
+};
+
+template <uint8_t Code>
+using ChunkRange = std::conditional_t<
+    Code == kFp32, FloatRange,
+    HalfPairRange<std::conditional_t<Code == kFp16, __half2, __nv_bfloat162>>>;
+
+// Five CTAs an SM, as many as shared memory allows for 32 KiB pages; unbounded,
+// ptxas takes 56 registers (four CTAs).
 template <uint8_t Code, uint8_t Mode>
-__global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
+__global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
-  extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint32_t scratch[kWarps];
   __shared__ uint2 warp_sizes[kWarps];  // plane words and outlier bytes of each warp's blocks
   __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_blocks)
@@ -614,7 +830,11 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   __shared__ PageQuant pq_s;
   __shared__ uint64_t offset_s;
   __shared__ uint32_t payload_len_s;
+  __shared__ uint32_t outlier_total_s;
   __shared__ uint8_t reason_s;
+  // The source page, read again only by a RAW padded page: kept here, not in a
+  // register held across both coding passes.
+  __shared__ const uint8_t* src_s;
 
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
   const PageGeometry g = a.geometry;
@@ -641,10 +861,11 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
 
   // Stage the page and find its range.
   const uint8_t* src = a.src.page(src_id);
+  if (threadIdx.x == 0) src_s = src;
   float mx = -INFINITY, mn = INFINITY;
   bool nonfinite = false;
   if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0) {
-    constexpr int per = 16 / sizeof(T);
+    ChunkRange<Code> chunk_range;
     // Several loads in flight per thread before any is used: one at a time leaves
     // the memory system idle for most of a page's staging.
     constexpr int kInFlight = 4;
@@ -669,16 +890,10 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
         } else {
           reinterpret_cast<uint4*>(smem)[k] = v[u];
         }
-        const T* e = reinterpret_cast<const T*>(&v[u]);
-#pragma unroll
-        for (int q = 0; q < per; ++q) {
-          const float f = C::to_f32(e[q]);
-          nonfinite |= !isfinite(f);
-          mx = fmaxf(mx, f);
-          mn = fminf(mn, f);
-        }
+        chunk_range.add(v[u]);
       }
     }
+    chunk_range.finish(mx, mn, nonfinite);
   } else {
     for (uint32_t i = threadIdx.x; i < a.n; i += kThreads) {
       const T v = reinterpret_cast<const T*>(src)[i];
@@ -700,11 +915,17 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
   const PageQuant pq = pq_s;
 
   // Pass 1: widths, section sizes and the bound check of every value.
-  const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(page, pq, a.n, B, lane);
+  const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(pq, a.n, B, lane);
   const uint2 run = warp_blocks(B, warp);
   uint32_t check = 0;
   uint2 sizes = make_uint2(0, 0);
-  if (pq.raw_reason == 0) sizes = size_blocks(coder, g, run, widths, &check);
+  // rows 1 and 16, the integration's choices, divide 32: a lane's row then stays put
+  // from block to block and the cursor moves by one add.
+  const bool wraps = kBlockValues % g.rows.d != 0;
+  if (pq.raw_reason == 0) {
+    sizes = wraps ? size_blocks<Code, Mode, true>(coder, g, run, widths, &check)
+                  : size_blocks<Code, Mode, false>(coder, g, run, widths, &check);
+  }
   check = __reduce_or_sync(kFull, check);
   if (lane == 0) {
     warp_sizes[warp] = sizes;
@@ -741,49 +962,61 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
         payload_len = packed;
       }
     }
-    const uint64_t record = round_up(kHeaderBytes + payload_len, kRecordAlign);
-    offset_s = look_back(a.flags, idx, record);
+    // The table row is written from shared memory after the look-back's wait: held
+    // in registers across it, its values are spilled on some targets (sm_100).
     payload_len_s = payload_len;
+    outlier_total_s = totals.y;
     reason_s = reason;
-    a.table[3 * idx] = static_cast<int64_t>(offset_s);
-    a.table[3 * idx + 1] = static_cast<int64_t>(record);
-    a.table[3 * idx + 2] = reason;
+    offset_s = look_back(a.flags, idx, round_up(kHeaderBytes + payload_len, kRecordAlign));
+    int64_t* row = a.table + 3 * page_index;
+    row[0] = static_cast<int64_t>(offset_s);
+    row[1] = round_up(kHeaderBytes + payload_len_s, kRecordAlign);
+    row[2] = reason_s;
   }
   __syncthreads();
 
   // Pass 2: write the payload at the record's offset, then the header.
-  uint8_t* rec = a.out + offset_s;
-  uint8_t* payload = rec + kHeaderBytes;
-  const uint32_t payload_len = payload_len_s;
-  const uint8_t reason = reason_s;
+  uint8_t* payload = a.out + offset_s + kHeaderBytes;
   uint32_t sum = 0;
-  if (reason != 0) {
+  if (reason_s != 0) {
     // A padded page is not contiguous in shared memory; its source is (aligned).
-    const uint8_t* raw = g.padded ? src : smem;
-    sum = copy_checksum_words(payload, raw, payload_len, kHeaderChecksumWords);
+    const uint8_t* raw = g.padded ? src_s : smem;
+    sum = copy_checksum_words(payload, raw, payload_len_s, kHeaderChecksumWords);
   } else {
     const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
-    // Padding bytes only: the blocks' bytes are written by pass 1 and below.
-    for (uint32_t i = B + threadIdx.x; i < width_bytes; i += kThreads) widths[i] = 0;
+    // Padding bytes only: the blocks' bytes are written by pass 1 and below, and the
+    // widths' padding bytes are the padding blocks of the last group, written by pass 1.
     for (uint32_t i = totals.y + threadIdx.x; i < outlier_bytes; i += kThreads) stage[i] = 0;
     const uint32_t plane_word0 = (width_bytes + outlier_bytes) / 4;
-    write_blocks(coder, g, run, widths, base, reinterpret_cast<uint32_t*>(payload) + plane_word0,
-                 stage);
+    uint32_t* planes = reinterpret_cast<uint32_t*>(payload) + plane_word0;
+    if (wraps) {
+      write_blocks<Code, Mode, true>(coder, g, run, widths, base, planes, stage);
+    } else {
+      write_blocks<Code, Mode, false>(coder, g, run, widths, base, planes, stage);
+    }
     __syncthreads();
     // The widths and outlier sections are hashed as they are copied out of shared
     // memory, the plane words in one pass over the payload as written (the barrier
     // above makes them visible): hashing them in the block loop would cost the warp
     // a whole hash per block with only the f + 1 lanes holding a word busy, where
-    // this pass hashes 32 words with the same instructions.
-    sum = copy_checksum_words(payload, widths, width_bytes, kHeaderChecksumWords);
-    sum += copy_checksum_words(payload + width_bytes, stage, outlier_bytes,
+    // this pass hashes 32 words with the same instructions. The record's place and
+    // sizes come from shared memory again: held in registers across write_blocks
+    // they would crowd its loop, whose transpose constants ptxas would then rebuild
+    // on every group.
+    uint8_t* payload_at = a.out + offset_s + kHeaderBytes;
+    const uint32_t outlier_section = round_up(outlier_total_s, 4);
+    sum = copy_checksum_words(payload_at, widths, width_bytes, kHeaderChecksumWords);
+    sum += copy_checksum_words(payload_at + width_bytes, stage, outlier_section,
                                kHeaderChecksumWords + width_bytes / 4);
-    sum += checksum_range(reinterpret_cast<const uint32_t*>(payload), plane_word0,
-                          payload_len / 4, kHeaderChecksumWords);
+    sum += checksum_range(reinterpret_cast<const uint32_t*>(payload_at),
+                          (width_bytes + outlier_section) / 4, payload_len_s / 4,
+                          kHeaderChecksumWords);
   }
-  const uint32_t record_end = round_up(kHeaderBytes + payload_len, kRecordAlign);
-  for (uint32_t i = kHeaderBytes + payload_len + 4 * threadIdx.x; i < record_end; i += 4 * kThreads) {
-    *reinterpret_cast<uint32_t*>(rec + i) = 0;
+  const uint32_t record_end = round_up(kHeaderBytes + payload_len_s, kRecordAlign);
+  uint8_t* record_at = a.out + offset_s;
+  for (uint32_t i = kHeaderBytes + payload_len_s + 4 * threadIdx.x; i < record_end;
+       i += 4 * kThreads) {
+    *reinterpret_cast<uint32_t*>(record_at + i) = 0;
   }
   sum = block_reduce(sum, scratch, [](uint32_t x, uint32_t y) { return x + y; });
   if (threadIdx.x == 0) {
@@ -791,10 +1024,13 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CompressArgs a) {
       PageHeader h;
       uint4 v[2];
     } header;
-    header.h = make_header(Code, Mode, a.relative, a.n, a.rows, pq, reason, payload_len);
-    header.h.checksum = checksum_finish(sum + header_checksum_sum(header.h), payload_len);
-    reinterpret_cast<uint4*>(rec)[0] = header.v[0];
-    reinterpret_cast<uint4*>(rec)[1] = header.v[1];
+    // The header's fields from shared memory again: held in registers across pass 2
+    // they cost outlier mode a spill.
+    header.h = make_header(Code, Mode, a.relative, a.n, a.rows, pq_s, reason_s, payload_len_s);
+    header.h.checksum = checksum_finish(sum + header_checksum_sum(header.h), header.h.payload_len);
+    uint4* header_at = reinterpret_cast<uint4*>(a.out + offset_s);
+    header_at[0] = header.v[0];
+    header_at[1] = header.v[1];
   }
 }
 
@@ -872,98 +1108,188 @@ struct DecodeSource {
   uint32_t num_blocks;
 };
 
-// What decoding one block needs from memory: this lane's plane word (lane 0 the sign
-// word, lane b + 1 that of magnitude bit b, 0 past the block's words) and, in outlier
-// mode, the block's outlier. Zero for blocks past the last (their width bytes are 0),
-// so the loop fetches ahead with no bounds check.
-struct BlockFetch {
+// What decoding a group of four blocks needs from memory before the transpose: the
+// four width bytes and, for a group of widths at most 7, this lane's plane word (lane
+// 8b + t word t of block b, 0 past the block's words). Zero for groups past the last
+// (their width bytes are 0), so the loop fetches ahead with no bounds check.
+struct GroupFetch {
+  uint32_t width_bytes;
   uint32_t word;
-  uint32_t outlier;
 };
 
-template <uint8_t Mode>
-__device__ __forceinline__ BlockFetch fetch_block(const DecodeSource& s, uint32_t j, int lane) {
-  const uint32_t wb = s.widths[j], f = wb & 31;
-  BlockFetch b{0u, 0u};
-  if (f > 0 && static_cast<uint32_t>(lane) <= f) b.word = s.planes[s.words[j] + lane];
-  if constexpr (Mode == kOutlier) {
-    if (wb >> 5) b.outlier = s.outl[j];
+__device__ __forceinline__ GroupFetch fetch_group(const DecodeSource& s, uint32_t j, int lane) {
+  GroupFetch g{*reinterpret_cast<const uint32_t*>(s.widths + j), 0u};
+  if ((g.width_bytes & kWiderThan7) == 0) {
+    const uint32_t b = lane >> 3, t = lane & 7;
+    if (t < ((group_block_words(g.width_bytes) >> (8 * b)) & 0xFFu)) {
+      g.word = s.planes[s.words[j + b] + t];
+    }
   }
-  return b;
+  return g;
 }
 
-// The lane's quantised value of a fetched block. The checks before the block loop
-// bound every width by kMaxWidth < 31, so lanes f and up already hold zero words and
-// the lane moved down into lane 31 is lane 31's own zero: no mask is needed, and a
-// block of width 0 (all words zero) decodes to zeros through the same instructions,
-// with no branch that would split the two blocks a warp decodes together.
-template <uint8_t Mode>
-__device__ __forceinline__ uint32_t decode_block(const BlockFetch& b, const BitTranspose& transpose,
-                                                 int lane) {
-  // Lane b + 1 holds the word of magnitude bit b: moved down to lane b, the transpose
-  // gives every lane its own magnitude.
-  const uint32_t mag = transpose(__shfl_down_sync(kFull, b.word, 1));
-  // Unsigned arithmetic: a forged stream with a valid checksum may overflow, never UB.
-  uint32_t q = ((__shfl_sync(kFull, b.word, 0) >> lane) & 1u) ? 0u - mag : mag;
-  if constexpr (Mode == kOutlier) {
-    if (lane == 0) q = b.outlier;
-  }
-  if constexpr (Mode != kFixed) {
+// Residual of field b of a transposed word whose fields are `Field` bits: the sign in
+// the lowest bit, the magnitude above (write_planes). Unsigned arithmetic: a forged
+// stream with a valid checksum may overflow, never UB.
+template <int Field>
+__device__ __forceinline__ uint32_t field_residual(uint32_t x, int b) {
+  const uint32_t field = Field == 32 ? x : (x >> (Field * b)) & ((1u << Field) - 1u);
+  const uint32_t mag = field >> 1;
+  return (field & 1u) ? 0u - mag : mag;
+}
+
+// The four residuals of a transposed word of 8-bit fields (widths at most 7, so
+// |d| <= 127), two to a word: d_0 + 2^16 d_1 and d_2 + 2^16 d_3, exact as integers.
+// Each sign flips its field by subtracting twice the magnitude, done on all four
+// bytes at once before the bytes are spread to 16-bit halves.
+__device__ __forceinline__ uint2 packed_residuals(uint32_t x) {
+  const uint32_t mags = (x >> 1) & 0x7F7F7F7Fu;
+  const uint32_t negated = mags & ((x & 0x01010101u) * 0xFFu);
+  return make_uint2(__byte_perm(mags, 0, 0x4140) - 2u * __byte_perm(negated, 0, 0x4140),
+                    __byte_perm(mags, 0, 0x4342) - 2u * __byte_perm(negated, 0, 0x4342));
+}
+
+// The two values of a word d_0 + 2^16 d_1 with |d_0|, |d_1| < 2^15.
+__device__ __forceinline__ void unpack_halves(uint32_t v, uint32_t& low, uint32_t& high) {
+  low = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(v & 0xFFFFu)));
+  high = static_cast<uint32_t>(static_cast<int32_t>(v - low) >> 16);
+}
+
+// v plus the v of the lane `delta` below, in lanes that have one. The shuffle's own
+// in-range predicate guards the add: a step is the shuffle and one predicated add,
+// where testing the lane index took a select and an add after the shuffle.
+__device__ __forceinline__ uint32_t add_from_lane_below(uint32_t v, int delta) {
+  uint32_t sum;
+  asm("{\n\t.reg .b32 below;\n\t.reg .pred has_below;\n\t"
+      "shfl.sync.up.b32 below|has_below, %1, %2, 0, 0xffffffff;\n\t"
+      "mov.b32 %0, %1;\n\t"
+      "@has_below add.u32 %0, %0, below;\n\t}"
+      : "=r"(sum)
+      : "r"(v), "r"(delta));
+  return sum;
+}
+
+// Inclusive sums over the lanes of v, two at a time so that the two chains of
+// dependent shuffles interleave.
+__device__ __forceinline__ void lane_prefix_sums(uint32_t& v0, uint32_t& v1) {
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t up = __shfl_up_sync(kFull, q, o);
-      if (lane >= o) q += up;
-    }
-  }
-  return q;
-}
-
-// The block loop of decompression, built per mode. A block's decode is one chain of
-// dependent steps (shared-memory width and offset, the plane word from L2, a dozen
-// dependent shuffles, the store), some 800 cycles, against about 80 instructions;
-// with 10 warps per scheduler that chain, not issue, set the pace
-// (docs/codec-kernel-notes.md, "Third round"). So each warp decodes two blocks at a
-// time, whose chains interleave, and fetches the next two blocks' words before
-// decoding these, so that the L2 latency is spent on work.
-template <uint8_t Code, uint8_t Mode, bool Wraps>
-__device__ __forceinline__ void decode_blocks(const DecodeSource& s, StreamCursor cur,
-                                              typename CudaType<Code>::type* page, float step,
-                                              uint32_t n) {
-  using C = CudaType<Code>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const BitTranspose transpose = bit_transpose();
-  BlockFetch next0 = fetch_block<Mode>(s, warp, lane);
-  BlockFetch next1 = fetch_block<Mode>(s, warp + kWarps, lane);
-  for (uint32_t j = warp; j < s.num_blocks; j += 2 * kWarps) {
-    const BlockFetch b0 = next0, b1 = next1;
-    next0 = fetch_block<Mode>(s, j + 2 * kWarps, lane);
-    next1 = fetch_block<Mode>(s, j + 3 * kWarps, lane);
-    const uint32_t q0 = decode_block<Mode>(b0, transpose, lane);
-    const uint32_t q1 = decode_block<Mode>(b1, transpose, lane);
-    // Positions past n (padding, or a second block past the last) are not stored.
-    if (j * kBlockValues + lane < n) {
-      page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q0)), step));
-    }
-    cur.advance<Wraps>();
-    if ((j + kWarps) * kBlockValues + lane < n) {
-      page[cur.index] = C::from_f32(mul_rn(__int2float_rn(static_cast<int32_t>(q1)), step));
-    }
-    cur.advance<Wraps>();
+  for (int delta = 1; delta < 32; delta <<= 1) {
+    v0 = add_from_lane_below(v0, delta);
+    v1 = add_from_lane_below(v1, delta);
   }
 }
 
-// Decodes a page's blocks in mode Mode. When `rows` divides the CTA's stride of
-// kThreads positions (rows 1 and 16 among them), a lane's row never changes and
-// the cursor moves by one add: a loop of its own saves the wrap test on every block.
-template <uint8_t Code, uint8_t Mode>
-__device__ void decode_page(const DecodeSource& s, const PageGeometry& g,
-                            typename CudaType<Code>::type* page, float step, uint32_t n) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const StreamCursor cur = stream_cursor(g, warp * kBlockValues + lane, kThreads);
-  if (cur.step_row == 0) {
-    decode_blocks<Code, Mode, false>(s, cur, page, step, n);
+// Residuals of G blocks of a group from one transpose (G = 2 or 1: the group has a
+// width above 7), loading the words in the layout write_planes wrote them from.
+template <int G>
+__device__ __forceinline__ void load_transpose(const DecodeSource& s, uint32_t j,
+                                               uint32_t width_bytes, const BitTranspose& transpose,
+                                               int lane, uint32_t* d) {
+  constexpr int kField = 32 / G;
+  const uint32_t b = lane / kField, t = lane % kField;
+  const uint32_t words = group_block_words(width_bytes >> (8 * (j % kGroupBlocks)));
+  uint32_t word = 0;
+  if (t < ((words >> (8 * b)) & 0xFFu)) word = s.planes[s.words[j + b] + t];
+  const uint32_t x = transpose(word);
+#pragma unroll
+  for (int i = 0; i < G; ++i) d[i] = field_residual<kField>(x, i);
+}
+
+// The lane's quantised values of the four blocks of a fetched group, from block j on.
+// The checks before the block loop bound every width by kMaxWidth, so lanes past a
+// block's words hold zero words and a block of width 0 decodes to zeros through the
+// same instructions.
+template <uint8_t Mode>
+__device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupFetch& g,
+                                             uint32_t j, const BitTranspose& transpose, int lane,
+                                             uint32_t (&q)[kGroupBlocks]) {
+  if ((g.width_bytes & kWiderThan7) == 0) {
+    uint2 pairs = packed_residuals(transpose(g.word));
+    if constexpr (Mode == kOutlier) {
+      if (lane == 0) pairs = make_uint2(0, 0);
+    }
+    // Residuals of at most 127 bound every sum over a block by 32 * 127 < 2^15, so
+    // the two blocks of a word are summed together, exactly.
+    if constexpr (Mode != kFixed) lane_prefix_sums(pairs.x, pairs.y);
+    unpack_halves(pairs.x, q[0], q[1]);
+    unpack_halves(pairs.y, q[2], q[3]);
   } else {
-    decode_blocks<Code, Mode, true>(s, cur, page, step, n);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (((g.width_bytes >> (16 * p)) & kWiderThan15 & 0xFFFFu) == 0) {
+        load_transpose<2>(s, j + 2 * p, g.width_bytes, transpose, lane, q + 2 * p);
+      } else {
+        load_transpose<1>(s, j + 2 * p, g.width_bytes, transpose, lane, q + 2 * p);
+        load_transpose<1>(s, j + 2 * p + 1, g.width_bytes, transpose, lane, q + 2 * p + 1);
+      }
+    }
+    if constexpr (Mode == kOutlier) {
+      if (lane == 0) q[0] = q[1] = q[2] = q[3] = 0;
+    }
+    if constexpr (Mode != kFixed) {
+      lane_prefix_sums(q[0], q[1]);
+      lane_prefix_sums(q[2], q[3]);
+    }
+  }
+  if constexpr (Mode == kOutlier) {
+    // Lane 0's residual is not part of the stream's value: the outlier is. Read here,
+    // not fetched ahead: four more registers across the loop would spill.
+    if (g.width_bytes & 0x60606060u) {
+      const uint4 o = *reinterpret_cast<const uint4*>(s.outl + j);
+      q[0] += o.x;
+      q[1] += o.y;
+      q[2] += o.z;
+      q[3] += o.w;
+    }
+  }
+}
+
+// The block loop of decompression, built per mode: each warp decodes its run of
+// groups of four blocks (warp_blocks), one transpose a group when the widths allow,
+// and fetches the next group's words before decoding this one, so that their L2
+// latency is spent on work (docs/codec-kernel-notes.md, "Third round" and "Fourth
+// round").
+template <uint8_t Code, uint8_t Mode, bool Wraps>
+__device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, StreamCursor cur,
+                                              float step, uint32_t n) {
+  using C = CudaType<Code>;
+  const int lane = threadIdx.x & 31;
+  const BitTranspose transpose = bit_transpose();
+  // Blocks from here on are past n in this lane: not stored.
+  const uint32_t lane_end = static_cast<uint32_t>(lane) < n - (s.num_blocks - 1) * kBlockValues
+                                ? s.num_blocks
+                                : s.num_blocks - 1;
+  cur = in_shared_addresses(cur, sizeof(typename C::type));
+  GroupFetch next = fetch_group(s, run.x, lane);
+  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
+    const GroupFetch g = next;
+    next = fetch_group(s, j + kGroupBlocks, lane);
+    uint32_t q[kGroupBlocks];
+    decode_group<Mode>(s, g, j, transpose, lane, q);
+    const uint32_t stored = lane_end - j;  // blocks of the group this lane stores (if < 4)
+#pragma unroll
+    for (int b = 0; b < kGroupBlocks; ++b) {
+      if (static_cast<int32_t>(stored) > b) {
+        C::store_staged(cur.index, mul_rn(__int2float_rn(static_cast<int32_t>(q[b])), step));
+      }
+      cur.advance<Wraps>();
+    }
+  }
+}
+
+// Decodes a page's blocks in mode Mode. When `rows` divides a block's 32 positions
+// (rows 1 and 16 among them), a lane's row never changes and the cursor moves by one
+// add: a loop of its own saves the wrap test on every block.
+template <uint8_t Code, uint8_t Mode>
+__device__ void decode_page(const DecodeSource& s, const PageGeometry& g, float step,
+                            uint32_t n) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint2 run = warp_blocks(s.num_blocks, warp);
+  const StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
+  if (cur.step_row == 0) {
+    decode_blocks<Code, Mode, false>(s, run, cur, step, n);
+  } else {
+    decode_blocks<Code, Mode, true>(s, run, cur, step, n);
   }
 }
 
@@ -973,7 +1299,6 @@ template <uint8_t Code>
 __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
-  extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint32_t scratch[kWarps];
   __shared__ uint2 scan_scratch[kWarps];
   __shared__ __align__(16) PageHeader h_s;
@@ -982,7 +1307,6 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
 
   __shared__ PageGeometry geometry_s;
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
-  T* page = reinterpret_cast<T*>(smem);
   uint8_t* widths = smem + L.widths_at();
   uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
   uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
@@ -1011,9 +1335,8 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
     if (threadIdx.x == 0) a.status[idx] = status_s;
     return;
   }
-  uint8_t* dst = a.dst.page(a.dst_ids[idx]);
   if (h.flags & kFlagRaw) {
-    copy_page<T>(dst, payload, a.n);
+    copy_page<T>(a.dst.page(a.dst_ids[idx]), payload, a.n);
     if (threadIdx.x == 0) a.status[idx] = kOk;
     return;
   }
@@ -1040,8 +1363,10 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   if (h.mode == kOutlier) {
     // Each block's outlier bytes become its decoded value once, here, so that the
     // block loop reads one shared word where it would load up to three bytes from
-    // global memory. Each thread rewrites only the entries it reads.
-    for (uint32_t j = threadIdx.x; j < B; j += kThreads) {
+    // global memory. Each thread rewrites only the entries it reads. The padding
+    // blocks of the last group (width bytes 0) get 0: the loop reads a group's four
+    // outliers at once.
+    for (uint32_t j = threadIdx.x; j < round_up(B, kGroupBlocks); j += kThreads) {
       const uint32_t k = (widths[j] >> 5) & 3, at = outl[j];
       uint32_t z = 0;
       for (uint32_t i = 0; i < k; ++i) z |= static_cast<uint32_t>(outliers[at + i]) << (8 * i);
@@ -1051,18 +1376,21 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   }
   const DecodeSource source{widths, words, outl,
                             reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4)), B};
-  const PageGeometry g = geometry_s;
   switch (h.mode) {
     case kFixed:
-      decode_page<Code, kFixed>(source, g, page, h.step, a.n);
+      decode_page<Code, kFixed>(source, geometry_s, h.step, a.n);
       break;
     case kPlain:
-      decode_page<Code, kPlain>(source, g, page, h.step, a.n);
+      decode_page<Code, kPlain>(source, geometry_s, h.step, a.n);
       break;
     default:
-      decode_page<Code, kOutlier>(source, g, page, h.step, a.n);
+      decode_page<Code, kOutlier>(source, geometry_s, h.step, a.n);
   }
   __syncthreads();
+  // The destination and the geometry read only now: held in registers across the
+  // block loop they would be spilled.
+  uint8_t* dst = a.dst.page(a.dst_ids[idx]);
+  const PageGeometry g = geometry_s;
   if (g.padded) {
     for (uint32_t k = threadIdx.x; k < a.n * sizeof(T) / 16; k += kThreads) {
       const uint32_t* w = reinterpret_cast<const uint32_t*>(smem + staged_chunk_offset(g, k, sizeof(T)));

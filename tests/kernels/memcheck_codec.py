@@ -18,8 +18,8 @@ def main() -> None:
         for mode in CodecMode:
             base = torch.randn(64, 1031, generator=g).cumsum(1).to(dtype).cuda()
             # Aligned rows padded in shared memory, unaligned rows, odd page sizes; rows
-            # that divide the decoder's 256 positions a pass (8, 1) and rows that do not
-            # (48), which take different block loops.
+            # that divide a block's 32 positions (8, 1) and rows that do not (48), which
+            # take different block loops.
             for pages, rows in ((base[:, :1024].contiguous(), 8), (base[:, :1024], 8),
                                 (base[:, 1:1000], 1), (base[:, :960].contiguous(), 48)):
                 n = pages.shape[1]
@@ -42,6 +42,29 @@ def main() -> None:
                 # Garbage that is not a stream at all.
                 junk = torch.randint(0, 256, (used,), generator=g, dtype=torch.uint8).cuda()
                 decompress_pages(CompressedPages(junk, c.table), dst, torch.arange(64))
+    # Blocks of every width class side by side (groups of four coded with one, two or
+    # four bit transposes), last groups with padding blocks (33 and 71 blocks), rows
+    # that divide 32 and rows that do not; valid and damaged streams.
+    for dtype, top in ((torch.float32, 19), (torch.float16, 9)):
+        for mode in CodecMode:
+            for n, rows in ((1056, 3), (2245, 1), (4096, 16)):
+                blocks = -(-n // 32)
+                bits = torch.randint(top + 1, (32, blocks, 1), generator=g).double()
+                amp = torch.where(bits < 1, 0.0, 2.0 ** bits * 0.01)
+                values = (torch.rand(32, blocks, 32, generator=g, dtype=torch.float64) * 2 - 1)
+                pages = (values * amp).reshape(32, -1)[:, :n].to(dtype).cuda()
+                c = compress_pages(pages, torch.arange(32, device="cuda"),
+                                   CodecConfig(0.01, False, mode, rows))
+                dst = torch.empty_like(pages)
+                decompress_pages(c, dst, torch.arange(32))
+                used = c.used_bytes()
+                for trial in range(10):
+                    buf = c.buffer.clone()
+                    flips = torch.randint(used, (4,), generator=g)
+                    buf[flips.cuda()] ^= torch.randint(1, 256, (4,), generator=g,
+                                                       dtype=torch.uint8).cuda()
+                    decompress_pages(CompressedPages(buf[:used], c.table), dst,
+                                     torch.arange(32))
     # Several views in one launch, with ids past the last view and damaged records.
     views = [torch.randn(8, 2048, generator=g).cumsum(1).to(torch.bfloat16).cuda()
              for _ in range(3)]

@@ -39,6 +39,27 @@ def adversarial(num_pages: int, n: int, dtype: torch.dtype, seed: int) -> torch.
     return x.to(dtype)
 
 
+def mixed_widths(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: float,
+                 seed: int) -> torch.Tensor:
+    """Pages whose 32-value blocks, in stream order, each have their own amplitude,
+    from zero to 2^19 (fp32), 2^9 (fp16) or 2^6 (bf16) times the absolute bound
+    `eb`: at that bound the blocks' widths range from 0 to about 20, drawn per block
+    so that the kernels' groups of four blocks mix every case they code differently
+    (all widths at most 7, some from 8 to 15, some above 15, all-zero blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    top = {torch.float32: 19, torch.float16: 9, torch.bfloat16: 6}[dtype]
+    blocks = -(-n // 32)
+    bits = torch.randint(top + 1, (num_pages, blocks), generator=g).double()
+    amp = torch.where(bits < 1, 0.0, 2.0 ** bits * eb)
+    stream = (torch.rand(num_pages, blocks, 32, generator=g, dtype=torch.float64) * 2 - 1)
+    stream = (stream * amp[:, :, None]).reshape(num_pages, -1)[:, :n]
+    s = torch.arange(n)
+    memory_index = (s % rows) * (n // rows) + s // rows
+    pages = torch.empty(num_pages, n, dtype=torch.float64)
+    pages[:, memory_index] = stream
+    return pages.to(dtype)
+
+
 def both_devices(pages: torch.Tensor, ids: torch.Tensor,
                  config: CodecConfig) -> tuple[CompressedPages, CompressedPages]:
     cpu = compress_pages(pages, ids, config)
@@ -107,11 +128,12 @@ def test_block_counts_that_split_unevenly_over_warps(dtype, mode, n, rows, align
 @pytest.mark.parametrize("tokens,channels,rows", [(16, 1024, 16), (16, 1024, 1), (16, 46, 16),
                                                   (48, 96, 48), (5, 96, 5)])
 def test_decode_matches_cpu_in_every_mode(dtype, mode, tokens, channels, rows):
-    """The decoder's block loop in each mode: every warp decodes two blocks at a time
-    and fetches the next two ahead, past the last block too (23 and 15 blocks leave
-    warps with half a pair); rows dividing the CTA's 256 positions (1, 16) take a
-    loop whose cursor never wraps, rows 48 and 5 the one that does. Full-size KV
-    pages (16 x 1024) and raw pages among them, decoded into scattered pages."""
+    """The decoder's block loop in each mode: every warp decodes a run of groups of
+    four blocks and fetches the next group ahead, past the last block too (23 and 15
+    blocks end in a group with padding blocks); rows dividing a block's 32 positions
+    (1, 16) take a loop whose cursor never wraps, rows 48 and 5 the one that does.
+    Full-size KV pages (16 x 1024) and raw pages among them, decoded into scattered
+    pages."""
     pages = torch.cat([kv_like(9, tokens, channels, dtype, seed=tokens + channels),
                        adversarial(7, tokens * channels, dtype, seed=rows)])
     ids = torch.randperm(16, generator=torch.Generator().manual_seed(rows))
@@ -123,6 +145,28 @@ def test_decode_matches_cpu_in_every_mode(dtype, mode, tokens, channels, rows):
     dst = torch.zeros_like(pages).cuda()
     assert (decompress_pages(gpu, dst, targets.cuda()) == DecodeStatus.OK).all()
     # Bit equality: the raw pages carry NaN, which compares unequal to itself.
+    assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n,rows", [(16384, 16), (16384, 1), (1056, 3), (2245, 1), (4608, 48)])
+def test_groups_of_every_width_class_match_cpu(dtype, mode, n, rows):
+    """Both kernels code four blocks at a time: one bit transpose for a group whose
+    widths are all at most 7, one per pair for widths up to 15, one per block above.
+    Pages with every mix of those in a group, all-zero blocks, a last group with one
+    to three padding blocks (1056 and 2245 values: 33 and 71 blocks), rows that
+    divide 32 and rows that do not (3, 48): the same stream as the CPU kernels and
+    the same decode, bit for bit."""
+    pages = mixed_widths(12, n, rows, dtype, eb=0.01, seed=n + rows)
+    ids = torch.randperm(12, generator=torch.Generator().manual_seed(rows))
+    cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, rows))
+    assert_same_stream(cpu, gpu)
+    assert (cpu.table[:, 2] == 0).sum() >= 6  # mostly compressed, not raw
+    expected = torch.zeros_like(pages)
+    assert (decompress_pages(cpu, expected, torch.arange(12)) == DecodeStatus.OK).all()
+    dst = torch.zeros_like(pages).cuda()
+    assert (decompress_pages(gpu, dst, torch.arange(12, device="cuda")) == DecodeStatus.OK).all()
     assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
 
 
