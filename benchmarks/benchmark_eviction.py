@@ -11,7 +11,7 @@ evicts. For each phase it reports per prompt
 * the wall time, without and with the profiler;
 * the host time of the plugin's scheduler-side and worker-side calls;
 * the GPU time of every kernel and copy;
-* how store chunks reached the arena: copy-engine runs or the segment-copy kernel.
+* how store chunks reached the arena: copy-engine runs or the block-packing kernel.
 
 JSON, a PNG and a table::
 
@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -55,27 +56,44 @@ TRACED = {
 }
 
 
-def _traced(name: str, fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with record_function(name):
-            return fn(*args, **kwargs)
-    return wrapper
+class PluginTrace:
+    """Host time and calls of each plugin method of ``TRACED``, timed by the wrapper
+    itself (a profiler range around each call as well, for traces), and how each
+    store chunk is copied (the worker's copy plan)."""
 
+    def __init__(self) -> None:
+        self.seconds: Counter = Counter()
+        self.calls: Counter = Counter()
+        self.chunks: Counter = Counter()
 
-def trace_plugin(chunks: Counter) -> None:
-    """Puts a profiler range around each plugin call of ``TRACED`` and tallies in
-    ``chunks`` how each store chunk is copied (the worker's copy plan)."""
-    for cls, names in TRACED.items():
-        for name in names:
-            setattr(cls, name, _traced(f"{PREFIX}{cls.__name__}.{name}", getattr(cls, name)))
-    plan_chunk = worker_module._plan_chunk
+    def clear(self) -> None:
+        for counter in (self.seconds, self.calls, self.chunks):
+            counter.clear()
 
-    def counted_plan(*args, **kwargs):
-        plan = plan_chunk(*args, **kwargs)
-        chunks["kernel" if plan.runs is None else f"dma, {len(plan.runs)} runs"] += 1
-        return plan
-    worker_module._plan_chunk = counted_plan
+    def install(self, patch: Callable[[object, str, object], None] = setattr) -> None:
+        """Wraps the methods in place (``patch`` lets a test undo it)."""
+        for cls, names in TRACED.items():
+            for name in names:
+                patch(cls, name, self._timed(f"{cls.__name__}.{name}", getattr(cls, name)))
+        plan_chunk = worker_module._plan_chunk
+
+        def counted_plan(*args, **kwargs):
+            plan = plan_chunk(*args, **kwargs)
+            self.chunks["kernel" if plan.runs is None else f"dma, {len(plan.runs)} runs"] += 1
+            return plan
+        patch(worker_module, "_plan_chunk", counted_plan)
+
+    def _timed(self, name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                with record_function(PREFIX + name):
+                    return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+                self.calls[name] += 1
+        return wrapper
 
 
 def is_evicting(llm) -> bool:
@@ -85,38 +103,33 @@ def is_evicting(llm) -> bool:
         CompressionMetrics.CACHED_BLOCKS, 0)
 
 
-def measure_phase(llm, args: argparse.Namespace, seed: int, chunks: Counter) -> dict[str, Any]:
+def measure_phase(llm, args: argparse.Namespace, seed: int, trace: PluginTrace
+                  ) -> dict[str, Any]:
     """Times ``--prompts`` new prompts, then ``--profiled-prompts`` more under the
     profiler; per prompt: host ms of each plugin call, GPU ms of each kernel."""
     prompts = make_prompts(args.prompts + args.profiled_prompts, args.prompt_tokens, seed)
     wall = [timed(llm, p) * 1e3 for p in prompts[:args.prompts]]
-    chunks.clear()
+    trace.clear()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         profiled = [timed(llm, p) * 1e3 for p in prompts[args.prompts:]]
     n = len(profiled)
-    host_ms: dict[str, float] = {}
-    calls: dict[str, float] = {}
-    gpu_ms: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.key.startswith(PREFIX):
-            host_ms[event.key[len(PREFIX):]] = event.cpu_time_total / 1e3 / n
-            calls[event.key[len(PREFIX):]] = event.count / n
-        elif event.self_device_time_total > 0:
-            gpu_ms[event.key[:80]] = event.self_device_time_total / 1e3 / n
+    gpu_ms = {event.key[:80]: event.self_device_time_total / 1e3 / n
+              for event in prof.key_averages() if event.self_device_time_total > 0}
     return {
         "prompt_ms": statistics.median(wall), "prompt_ms_samples": wall,
         "profiled_prompt_ms": statistics.median(profiled),
-        "host_ms_per_prompt": host_ms, "calls_per_prompt": calls,
+        "host_ms_per_prompt": {k: 1e3 * v / n for k, v in trace.seconds.items()},
+        "calls_per_prompt": {k: v / n for k, v in trace.calls.items()},
         "gpu_ms_per_prompt": dict(sorted(gpu_ms.items(), key=lambda kv: -kv[1])),
-        "store_chunks_per_prompt": {k: v / n for k, v in sorted(chunks.items())},
+        "store_chunks_per_prompt": {k: v / n for k, v in sorted(trace.chunks.items())},
     }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = Path(args.model_dir or tempfile.mkdtemp(prefix="llama-dummy-"))
     write_model_config(model, args.layers, args.kv_heads, args.head_dim)
-    chunks: Counter = Counter()
-    trace_plugin(chunks)
+    trace = PluginTrace()
+    trace.install()
     llm = build_llm(model, "compressed", args)
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(),
                                "args": {k: str(v) for k, v in vars(args).items()}}
@@ -124,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timed(llm, p)
     if is_evicting(llm):
         raise SystemExit("the host cache evicts already; raise --offload-gib")
-    results["filling"] = measure_phase(llm, args, seed=2, chunks=chunks)
+    results["filling"] = measure_phase(llm, args, seed=2, trace=trace)
     if is_evicting(llm):
         raise SystemExit("the host cache evicted while filling was timed; raise --offload-gib")
     filled = 0
@@ -137,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("the host cache never evicted; raise --fill-max-prompts")
     for p in make_prompts(args.settle_prompts, args.prompt_tokens, seed=3):
         timed(llm, p)
-    results["evicting"] = measure_phase(llm, args, seed=4, chunks=chunks)
+    results["evicting"] = measure_phase(llm, args, seed=4, trace=trace)
     results["prompts_to_fill"] = filled
     return results
 
