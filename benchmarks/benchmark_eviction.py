@@ -40,6 +40,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from benchmark_offload import build_llm, make_prompts, metrics, timed, write_model_config
 
+from vllm_kvcompress.offload import connector as connector_module
 from vllm_kvcompress.offload import manager as manager_module
 from vllm_kvcompress.offload import worker as worker_module
 from vllm_kvcompress.offload.config import DEFAULT_ERROR_BOUND, DEFAULT_MODE, MODE_NAMES
@@ -49,7 +50,9 @@ PREFIX = "kvcompress."
 TRACED = {
     manager_module.CompressedCPUOffloadingManager: (
         "lookup", "prepare_store", "_allocate_evicting", "complete_store", "touch",
-        "prepare_load", "complete_load", "take_events", "get_stats"),
+        "prepare_load", "complete_load", "take_events", "get_stats", "record_store_reports"),
+    connector_module.CompressedOffloadingConnectorScheduler: ("update_connector_output",),
+    connector_module.CompressedOffloadingConnectorWorker: ("build_connector_worker_meta",),
     worker_module.CompressedOffloadingWorker: (
         "submit_store", "submit_load", "get_finished", "_collect_store",
         "_replace_records"),

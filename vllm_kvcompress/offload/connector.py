@@ -124,8 +124,9 @@ class CompressedOffloadingConnectorScheduler(OffloadingConnectorScheduler):
             live = self._stale_job_threshold
             for job_id, reports in meta.store_reports.items():
                 if job_id >= live:
+                    make = BlockStoreReport._make
                     manager.record_store_reports(
-                        {offset: BlockStoreReport(*r) for offset, r in reports.items()})
+                        {offset: make(r) for offset, r in reports.items()})
             for job_id, offsets in meta.failed_loads.items():
                 if job_id >= live:
                     manager.record_failed_loads(offsets)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from itertools import repeat
+from typing import NamedTuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,9 +69,9 @@ class ArenaLoadStoreSpec(LoadStoreSpec):
         return f"ArenaLoadStoreSpec(offsets={self.offsets!r}, nbytes={self.nbytes!r})"
 
 
-@dataclass
-class BlockStoreReport:
-    """What one or more ranks wrote for one block; merged over ranks."""
+class BlockStoreReport(NamedTuple):
+    """What one or more ranks wrote for one block; merged over ranks. A named tuple:
+    the scheduler's step builds one per stored block from the worker's tuples."""
 
     nbytes: int
     raw_pages: int
