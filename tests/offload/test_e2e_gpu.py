@@ -258,15 +258,26 @@ def test_vllm_serve_with_compression_answers(model_dir: str, tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_tensor_parallel_2(model_dir: str, reference: list[list[int]]) -> None:
+def test_tensor_parallel_2(model_dir: str) -> None:
+    """Each rank stores and reloads its half of the KV heads in its own arena at
+    the offsets the one scheduler chose. The reference is TP=2 without offloading:
+    TP=2 sums its partial results in another order than one GPU does, which may
+    flip a greedy token by itself."""
     from vllm_kvcompress import compressed_offload_kwargs
 
+    # The counters come back from the rank processes through collective_rpc, which
+    # ships the function pickled; vLLM allows that only when asked.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    batch = prompts(4)
+    llm = make_llm(model_dir, tensor_parallel_size=2)
+    reference = greedy(llm, batch)
+    free(llm)
     llm = make_llm(model_dir, tensor_parallel_size=2,
                    **compressed_offload_kwargs(1, error_bound=1e-4))
-    batch = prompts(4)
     assert greedy(llm, batch) == reference
     time.sleep(1.0)
     assert greedy(llm, batch) == reference
     counters = llm.collective_rpc(_counters)
-    assert all(c["blocks_loaded"] > 0 for c in counters)
+    assert len(counters) == 2
+    assert all(c["blocks_loaded"] > 0 and c["failed_loads"] == 0 for c in counters)
     free(llm)
