@@ -19,9 +19,9 @@ LRU over whole blocks and stops as soon as a reservation fits
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from itertools import repeat
 from typing import NamedTuple
-from dataclasses import dataclass
 
 import numpy as np
 from typing_extensions import override

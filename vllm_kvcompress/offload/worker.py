@@ -608,8 +608,8 @@ class CompressedOffloadingWorker(OffloadingWorker):
         # and reserves more from then on).
         reported = np.where(ok & ~fits, -needed, needed * (ok & fits))
         ok &= fits
-        checksums = (batch.checksums.numpy() & 0xFFFFFFFF) * ok if batch.checksums is not None \
-            else np.zeros(n, dtype=np.int64)
+        checksums = ((batch.checksums.numpy() & 0xFFFFFFFF) * ok if batch.checksums is not None
+                     else np.zeros(n, dtype=np.int64))
         # This runs on the engine's step thread: whole-array work, and one compact
         # copy of the record sizes whose rows the stored blocks keep.
         offsets = batch.offsets.tolist()
@@ -657,9 +657,9 @@ class CompressedOffloadingWorker(OffloadingWorker):
         order = np.argsort(offsets[valid])
         starts = offsets[valid][order]
         ends = starts + np.maximum(reserved[valid][order], 1)
-        new = np.sort(offsets[kept & valid])
         if not len(starts):
             return
+        new = np.sort(offsets[kept & valid])
         # Only entries from a worst-case block before the first range to the end of
         # the last can overlap (a block's records never span more than the worst
         # case); on a full arena that window is a few blocks more than the store,
