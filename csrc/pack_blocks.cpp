@@ -5,6 +5,7 @@
 // of its record headers for the block table. On CUDA the same op runs on the
 // device (pack_blocks_cuda.cu), so one launch replaces a handful of tensor ops per
 // chunk in the engine's step.
+#include <algorithm>
 #include <cstring>
 
 #include "ops.h"
