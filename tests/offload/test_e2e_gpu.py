@@ -29,6 +29,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -43,6 +44,9 @@ pytestmark = [
 BLOCK = 16
 PROMPT_TOKENS = 512
 GPU_BLOCKS = 3 * PROMPT_TOKENS // BLOCK + 8
+# Log-probability margin under which the two likeliest next tokens count as tied:
+# a likelihood ratio of about 1.1.
+NEAR_TIE = 0.1
 
 
 def _counters(worker_self: object) -> dict:
@@ -136,6 +140,40 @@ def greedy(llm, batch: list[dict], tokens: int = 24) -> list[list[int]]:
             for p in batch]
 
 
+class Reload(NamedTuple):
+    """Greedy continuations of a pass that reloads, and at each step the margin in
+    log-probability between the two likeliest next tokens."""
+
+    tokens: list[list[int]]
+    margins: list[list[float]]
+
+
+def greedy_with_margins(llm, batch: list[dict], tokens: int = 24) -> Reload:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, logprobs=2)
+    out = [llm.generate([p], params, use_tqdm=False)[0].outputs[0] for p in batch]
+    margins = []
+    for o in out:
+        steps = [sorted((lp.logprob for lp in step.values()), reverse=True)
+                 for step in o.logprobs]
+        margins.append([s[0] - s[1] for s in steps])
+    return Reload([list(o.token_ids) for o in out], margins)
+
+
+def assert_equal_but_near_ties(got: list[list[int]], expected: Reload) -> None:
+    """Each continuation equals the reference, or first differs at a step where the
+    reference's two likeliest tokens were within NEAR_TIE of each other: a lossy
+    copy of the KV may tip a choice the model hardly makes, never a clear one (and
+    after a different token the rest is conditioned on other text)."""
+    for i, (a, b) in enumerate(zip(got, expected.tokens, strict=True)):
+        first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is not None:
+            margin = expected.margins[i][first]
+            print(f"prompt {i}: token {first} differs at a margin of {margin:.4f}")
+            assert margin < NEAR_TIE, (i, first, a, b)
+
+
 def free(llm) -> None:
     from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
 
@@ -169,13 +207,13 @@ def reference(references: Callable[[str], list[list[int]]]) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def native_reloads(model_dir: str) -> Callable[..., list[list[int]]]:
+def native_reloads(model_dir: str) -> Callable[..., Reload]:
     """Greedy outputs of the prompts reloaded from the host by vLLM's native CPU
     offloading (an exact copy of the KV), per dtype and tensor-parallel size,
     computed once: the reference of a pass that reloads."""
-    done: dict[tuple[str, int], list[list[int]]] = {}
+    done: dict[tuple[str, int], Reload] = {}
 
-    def get(dtype: str, tensor_parallel_size: int = 1) -> list[list[int]]:
+    def get(dtype: str, tensor_parallel_size: int = 1) -> Reload:
         key = (dtype, tensor_parallel_size)
         if key not in done:
             llm = make_llm(model_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
@@ -183,7 +221,7 @@ def native_reloads(model_dir: str) -> Callable[..., list[list[int]]]:
             batch = prompts(4)
             greedy(llm, batch)
             time.sleep(1.0)
-            done[key] = greedy(llm, batch)
+            done[key] = greedy_with_margins(llm, batch)
             free(llm)
         return done[key]
 
@@ -211,7 +249,7 @@ def run_with_compression(model_dir: str, error_bound: float, corrupt: bool = Fal
 
 def test_tiny_bound_matches_no_offloading_and_reloads(
         model_dir: str, references: Callable[[str], list[list[int]]],
-        native_reloads: Callable[..., list[list[int]]]) -> None:
+        native_reloads: Callable[..., Reload]) -> None:
     # fp16 keeps 11 significant bits, so a relative bound of 1e-3 is attainable and
     # the lossy path runs (in bf16 it would store every page raw).
     reference = references("float16")
@@ -222,18 +260,18 @@ def test_tiny_bound_matches_no_offloading_and_reloads(
     assert counters["blocks_stored"] >= 4 * PROMPT_TOKENS // BLOCK - 4, counters
     assert counters["blocks_loaded"] > 0, "the second pass must reload from the host"
     assert counters["failed_loads"] == 0, counters
-    assert second == native_reloads("float16")
+    assert_equal_but_near_ties(second, native_reloads("float16"))
 
 
 def test_raw_pages_reload_exactly(model_dir: str, reference: list[list[int]],
-                                  native_reloads: Callable[..., list[list[int]]]) -> None:
+                                  native_reloads: Callable[..., Reload]) -> None:
     """A bound bf16 cannot attain stores every page raw: the reload must then give
     exactly what native offloading's exact copy gives."""
     first, second, counters = run_with_compression(model_dir, error_bound=1e-4)
     assert first == reference
     assert counters["raw_pages"] > 0 and counters["blocks_loaded"] > 0, counters
     assert counters["failed_loads"] == 0, counters
-    assert second == native_reloads("bfloat16")
+    assert second == native_reloads("bfloat16").tokens
 
 
 def test_default_bound_compresses_and_reloads(model_dir: str,
@@ -300,8 +338,7 @@ def test_vllm_serve_with_compression_answers(model_dir: str, tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_tensor_parallel_2(model_dir: str,
-                           native_reloads: Callable[..., list[list[int]]]) -> None:
+def test_tensor_parallel_2(model_dir: str, native_reloads: Callable[..., Reload]) -> None:
     """Each rank stores and reloads its half of the KV heads in its own arena at
     the offsets the one scheduler chose. The references run at TP=2 too: two GPUs
     sum partial results in another order than one, which can flip a greedy token by
@@ -321,7 +358,7 @@ def test_tensor_parallel_2(model_dir: str,
                    **compressed_offload_kwargs(1, error_bound=1e-4))
     assert greedy(llm, batch) == reference
     time.sleep(1.0)
-    assert greedy(llm, batch) == native_reloads("bfloat16", tensor_parallel_size=2)
+    assert greedy(llm, batch) == native_reloads("bfloat16", tensor_parallel_size=2).tokens
     counters = llm.collective_rpc(_counters)
     assert len(counters) == 2
     assert all(c["blocks_loaded"] > 0 and c["failed_loads"] == 0 for c in counters)
