@@ -58,17 +58,8 @@ __global__ void __launch_bounds__(kThreads) pack_blocks_kernel(PackArgs a) {
   const bool ok = segment_in_bounds(so, dof, n, a.src_len, a.dst_len);
   if (blockIdx.y == 0 && threadIdx.x == 0) a.status[b] = ok ? kSegmentOk : kSegmentOutOfBounds;
   if (!ok) return;
-  const uint8_t* s = a.src + so;
-  uint8_t* d = a.dst + dof;
-  const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
-  if (((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d) | n) & 15) == 0) {
-    const uint4* s4 = reinterpret_cast<const uint4*>(s);
-    uint4* d4 = reinterpret_cast<uint4*>(d);
-    for (int64_t i = first; i < n / 16; i += stride) d4[i] = s4[i];
-  } else {
-    for (int64_t i = first; i < n; i += stride) d[i] = s[i];
-  }
+  copy_range(a.src + so, a.dst + dof, n, static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x,
+             static_cast<int64_t>(gridDim.y) * kThreads);
 }
 
 }  // namespace

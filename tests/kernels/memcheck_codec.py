@@ -12,6 +12,14 @@ from vllm_kvcompress.codec import CodecConfig, CodecMode, CompressedPages, compr
     decompress_pages
 
 
+def flipped(buffer: torch.Tensor, used: int, count: int, g: torch.Generator) -> torch.Tensor:
+    """A copy of ``buffer`` with ``count`` random bytes among its first ``used`` changed."""
+    buf = buffer.clone()
+    at = torch.randint(used, (count,), generator=g)
+    buf[at.cuda()] ^= torch.randint(1, 256, (count,), generator=g, dtype=torch.uint8).cuda()
+    return buf
+
+
 def main() -> None:
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -30,10 +38,7 @@ def main() -> None:
                 decompress_pages(c, dst, torch.arange(64))
                 used = c.used_bytes()
                 for trial in range(20):
-                    buf = c.buffer.clone()
-                    flips = torch.randint(used, (8,), generator=g)
-                    buf[flips.cuda()] ^= torch.randint(1, 256, (8,), generator=g,
-                                                       dtype=torch.uint8).cuda()
+                    buf = flipped(c.buffer, used, 8, g)
                     table = c.table.clone()
                     table[trial % 64, 1] -= 16 * (trial % 3)
                     table[(trial + 7) % 64, 0] = used - 32
@@ -58,13 +63,9 @@ def main() -> None:
                 dst = torch.empty_like(pages)
                 decompress_pages(c, dst, torch.arange(32))
                 used = c.used_bytes()
-                for trial in range(10):
-                    buf = c.buffer.clone()
-                    flips = torch.randint(used, (4,), generator=g)
-                    buf[flips.cuda()] ^= torch.randint(1, 256, (4,), generator=g,
-                                                       dtype=torch.uint8).cuda()
-                    decompress_pages(CompressedPages(buf[:used], c.table), dst,
-                                     torch.arange(32))
+                for _ in range(10):
+                    decompress_pages(CompressedPages(flipped(c.buffer, used, 4, g)[:used],
+                                                     c.table), dst, torch.arange(32))
     # Several views in one launch, with ids past the last view and damaged records.
     views = [torch.randn(8, 2048, generator=g).cumsum(1).to(torch.bfloat16).cuda()
              for _ in range(3)]
