@@ -52,6 +52,25 @@ __device__ __forceinline__ uint32_t staged_page_address() {
   return static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 }
 
+// Compression keeps the transposed plane word of a lane's four values of a group in
+// the staged page in place of two of those values (size_blocks, write_blocks): in
+// the slots of its values of the group's first two blocks, 16 bits in each for the
+// half-precision types (CudaType::keep_word, kept_word), in the first slot for fp32.
+// Each lane overwrites only values it has already coded itself, so no other lane
+// can read a kept word as a value.
+__device__ __forceinline__ void keep_word_in_halves(uint32_t at0, uint32_t at1, uint32_t w) {
+  asm volatile("st.shared.b16 [%0], %1;" ::"r"(at0), "h"(static_cast<uint16_t>(w)) : "memory");
+  asm volatile("st.shared.b16 [%0], %1;" ::"r"(at1), "h"(static_cast<uint16_t>(w >> 16))
+               : "memory");
+}
+
+__device__ __forceinline__ uint32_t kept_word_in_halves(uint32_t at0, uint32_t at1) {
+  uint16_t lo, hi;
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(lo) : "r"(at0) : "memory");
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(hi) : "r"(at1) : "memory");
+  return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+}
+
 template <uint8_t Code>
 struct CudaType;
 template <>
@@ -67,6 +86,11 @@ struct CudaType<kFp16> {
   __device__ static void store_staged(uint32_t at, float v) {
     const uint16_t bits = __half_as_ushort(__float2half_rn(v));
     asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+  }  __device__ static void keep_word(uint32_t at0, uint32_t at1, uint32_t w) {
+    keep_word_in_halves(at0, at1, w);
+  }
+  __device__ static uint32_t kept_word(uint32_t at0, uint32_t at1) {
+    return kept_word_in_halves(at0, at1);
   }
 };
 template <>
@@ -82,6 +106,11 @@ struct CudaType<kBf16> {
   __device__ static void store_staged(uint32_t at, float v) {
     const uint16_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
     asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+  }  __device__ static void keep_word(uint32_t at0, uint32_t at1, uint32_t w) {
+    keep_word_in_halves(at0, at1, w);
+  }
+  __device__ static uint32_t kept_word(uint32_t at0, uint32_t at1) {
+    return kept_word_in_halves(at0, at1);
   }
 };
 template <>
@@ -96,6 +125,13 @@ struct CudaType<kFp32> {
   }
   __device__ static void store_staged(uint32_t at, float v) {
     asm volatile("st.shared.f32 [%0], %1;" ::"r"(at), "f"(v) : "memory");
+  }  __device__ static void keep_word(uint32_t at0, uint32_t, uint32_t w) {
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(at0), "r"(w) : "memory");
+  }
+  __device__ static uint32_t kept_word(uint32_t at0, uint32_t) {
+    uint32_t w;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(w) : "r"(at0) : "memory");
+    return w;
   }
 };
 
@@ -189,12 +225,6 @@ __host__ __device__ SharedLayout shared_layout(uint32_t page_bytes, uint32_t n) 
   return SharedLayout{page_bytes, (n + kBlockValues - 1) / kBlockValues};
 }
 
-// Shared-memory index of stream position s.
-__device__ __forceinline__ uint32_t staged_index(const PageGeometry& g, uint32_t s) {
-  const uint32_t col = fast_div(g.rows, s);
-  return (s - col * g.rows.d) * g.pitch + col;
-}
-
 // Byte offset in shared memory of the page's 16-byte chunk k (padded pages).
 __device__ __forceinline__ uint32_t staged_chunk_offset(const PageGeometry& g, uint32_t k,
                                                         int elem_bytes) {
@@ -213,6 +243,16 @@ struct StreamCursor {
   uint32_t step_index;  // index change of a stride that stays below the last row
   uint32_t wrap;        // further index change when the row passes the last one
   // Wraps false: the caller knows step_row is 0, so the row never changes.
+  // Moves on by a group of blocks; with no wrap, one add.
+  template <bool Wraps = true>
+  __device__ __forceinline__ void advance_group() {
+    if constexpr (Wraps) {
+#pragma unroll
+      for (int b = 0; b < kGroupBlocks; ++b) advance<true>();
+    } else {
+      index += kGroupBlocks * step_index;
+    }
+  }
   template <bool Wraps = true>
   __device__ __forceinline__ void advance() {
     index += step_index;
@@ -463,11 +503,14 @@ struct BlockCoder {
   PageQuant pq;
   uint32_t not_first;  // all ones except in lane 0
   uint32_t lane_end;   // blocks from here on are padding in this lane
+  uint32_t full_blocks;  // blocks before this one hold no padding in any lane
 
   // Lane's value of block j, at shared address `at` (docs/format.md,
   // "Quantisation and verification" and "Residuals").
+  // Full: the caller knows block j holds no padding, in any lane.
+  template <bool Full = false>
   __device__ __forceinline__ LaneCode code(uint32_t at, uint32_t j) const {
-    const bool valid = j < lane_end;
+    const bool valid = Full || j < lane_end;
     const float x = valid ? C::load_staged(at) : 0.0f;
     const float p = mul_rn(x, pq.inv);
     const int32_t q = __float2int_rn(p);
@@ -488,7 +531,8 @@ __device__ __forceinline__ BlockCoder<Code, Mode> block_coder(const PageQuant& p
   const uint32_t last_lanes = n - (num_blocks - 1) * kBlockValues;
   return BlockCoder<Code, Mode>{pq, lane > 0 ? kFull : 0u,
                                 static_cast<uint32_t>(lane) < last_lanes ? num_blocks
-                                                                        : num_blocks - 1};
+                                                                        : num_blocks - 1,
+                                last_lanes == kBlockValues ? num_blocks : num_blocks - 1};
 }
 
 // The larger of a and b, NaN if either is: a lane's worst |p| and e then carry a NaN
@@ -505,13 +549,15 @@ __device__ __forceinline__ uint32_t magnitude(uint32_t d) {
 
 // The bound check of docs/format.md exactly as written, for pages with a tie (see
 // tie_limit) and no certainly bad value; true (for every thread) if some value fails it.
+// It reads the source page in global memory, in memory order (the order does not
+// matter to an OR): pass 1 may have replaced staged values with plane words.
 template <uint8_t Code>
-__device__ bool verify_exact(const typename CudaType<Code>::type* page, uint32_t n,
-                             const PageGeometry& g, const PageQuant& pq) {
+__device__ bool verify_exact(const typename CudaType<Code>::type* src, uint32_t n,
+                             const PageQuant& pq) {
   using C = CudaType<Code>;
   bool bad = false;
-  for (uint32_t s = threadIdx.x; s < n; s += kThreads) {
-    const float x = C::to_f32(page[staged_index(g, s)]);
+  for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
+    const float x = C::to_f32(src[i]);
     const float p = mul_rn(x, pq.inv);
     if (!(fabsf(p) <= kMaxQuant)) {
       bad = true;
@@ -552,50 +598,6 @@ __device__ __forceinline__ uint32_t fast_bit_length(uint32_t v) {
   uint32_t highest;
   asm("bfind.u32 %0, %1;" : "=r"(highest) : "r"(v));
   return highest + 1u;
-}
-
-// Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
-// plane words (x) and outlier bytes (y). `check` says what the lane's values need:
-// bit 0 a value certainly bad, bit 1 a tie for verify_exact (see tie_limit). Each lane
-// keeps only its worst |p| and e: the page's outcome (RAW if any value is certainly
-// bad, else verify_exact if any ties, else compressed) is the same as from the
-// per-value tests, since a worst e equal to eb with no e above it means a tie, and a
-// NaN anywhere stays NaN. Wraps: whether a lane's row changes from one block to the
-// next (`rows` does not divide 32).
-template <uint8_t Code, uint8_t Mode, bool Wraps>
-__device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
-                                             const PageGeometry& g, uint2 run, uint8_t* widths,
-                                             uint32_t* check) {
-  const int lane = threadIdx.x & 31;
-  uint2 sizes = make_uint2(0, 0);
-  float worst_p = 0.0f, worst_e = 0.0f;
-  StreamCursor cur = in_shared_addresses(
-      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
-      sizeof(typename CudaType<Code>::type));
-  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
-    uint32_t width_bytes = 0;
-#pragma unroll
-    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
-      const LaneCode c = coder.code(cur.index, j + b);
-      if (c.valid) {
-        worst_p = max_nan(worst_p, c.abs_p);
-        worst_e = max_nan(worst_e, c.e);
-      }
-      uint32_t width = fast_bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
-      if constexpr (Mode == kOutlier) {
-        const uint32_t k = (fast_bit_length(zigzag(__shfl_sync(kFull, c.q, 0))) + 7) / 8;
-        width |= k << 5;
-        sizes.y += k;
-      }
-      width_bytes |= width << (8 * b);
-    }
-    sizes.x += (group_block_words(width_bytes) * 0x01010101u) >> 24;
-    if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
-  }
-  const bool bad = !(worst_p <= kMaxQuant) || !(worst_e <= coder.pq.eb);
-  const bool tie = worst_e == tie_limit(coder.pq.eb);
-  *check = static_cast<uint32_t>(bad) | static_cast<uint32_t>(tie) << 1;
-  return sizes;
 }
 
 // Transposes the 32 x 32 bit matrix held by a warp, lane i holding row i: on return
@@ -644,56 +646,193 @@ __device__ __forceinline__ BitTranspose bit_transpose() {
     // spend three logic operations a round where one select of x and moved will do.
     asm("" : "+r"(t.keep[r]));
     t.rot[r] = upper ? 32 - k : k;
+    asm("" : "+r"(t.rot[r]));
   }
+  asm("" : "+r"(t.bytes[0]), "+r"(t.bytes[1]));
   return t;
 }
 
-// Writes the plane words of G consecutive blocks (G = 1, 2 or 4) with one warp
-// transpose, from plane word `at` on; `words` holds each block's word count, one a
-// byte, and d[b] is the lane's residual in block b. Lane i's row packs a field of
-// 32 / G bits per block, the sign in its lowest bit and the magnitude above, so that
-// after the transpose lane (32 / G) * b + t holds word t of block b in the order of
+// The row lane i contributes to the transpose that codes G consecutive blocks
+// (G = 1, 2 or 4), d[b] being its residual in block b: a field of 32 / G bits per
+// block, the sign in its lowest bit and the magnitude above, so that after the
+// transpose lane (32 / G) * b + t holds word t of block b in the order of
 // docs/format.md: the sign word, then magnitude bits 0, 1, ... Every width of the G
 // blocks must be below 32 / G.
+template <int G>
+__device__ __forceinline__ uint32_t plane_row(const uint32_t (&d)[G]) {
+  constexpr int kField = 32 / G;
+  uint32_t row = 0;
+#pragma unroll
+  for (int i = 0; i < G; ++i) row |= (magnitude(d[i]) << 1 | d[i] >> 31) << (kField * i);
+  return row;
+}
+
+// Stores the lane's transposed word `word` of G blocks (plane_row) at its place
+// from plane word `at` on; `words` holds each block's word count, one a byte.
+template <int G>
+__device__ __forceinline__ void store_plane_word(uint32_t* planes, uint32_t at, uint32_t words,
+                                                 uint32_t word) {
+  constexpr int kField = 32 / G;
+  const int lane = threadIdx.x & 31, b = lane / kField, t = lane % kField;
+  // Words of the blocks before this lane's block: byte b of words * 0x01010100.
+  const uint32_t before = ((words * 0x01010100u) >> (8 * b)) & 0xFFu;
+  // A predicated store: written as a branch, ptxas adds a convergence region around it.
+  asm volatile(
+      "{\n\t.reg .pred in_block;\n\t"
+      "setp.lt.u32 in_block, %0, %1;\n\t"
+      "@in_block st.global.b32 [%2], %3;\n\t}" ::"r"(static_cast<uint32_t>(t)),
+      "r"((words >> (8 * b)) & 0xFFu), "l"(planes + at + before + t), "r"(word)
+      : "memory");
+}
+
+// Writes the plane words of G consecutive blocks with one warp transpose.
 template <int G>
 __device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint32_t words,
                                              const uint32_t (&d)[G],
                                              const BitTranspose& transpose) {
-  constexpr int kField = 32 / G;
-  const int lane = threadIdx.x & 31, b = lane / kField, t = lane % kField;
-  uint32_t row = 0;
+  store_plane_word<G>(planes, at, words, transpose(plane_row<G>(d)));
+}
+
+// Whether compression keeps group j's transposed plane word in the staged page from
+// pass 1 to pass 2 (keep_word_in_halves), so that pass 2 neither reads nor codes the
+// group's values again: a group coded by one transpose (every width at most 7) whose
+// first two blocks, where the word is kept, hold no padding (BlockCoder::full_blocks).
+// Outlier mode
+// codes the values again: its pass 2 needs lane 0's quantised values for the outlier
+// bytes. Pass 2 has skipped all-zero groups before it asks.
+template <uint8_t Mode>
+__device__ __forceinline__ bool keeps_planes(uint32_t width_bytes, uint32_t j,
+                                             uint32_t full_blocks) {
+  return Mode != kOutlier && (width_bytes & kWiderThan7) == 0 && j + 2 <= full_blocks;
+}
+
+// Where the groups of a warp's run with no padding block end: group j has none when
+// j + kGroupBlocks <= full_blocks. At most one group follows, the page's last (every
+// block but the last is full). Both passes code those groups with no test of which
+// values are real, and the last one with the tests.
+__device__ __forceinline__ uint32_t full_groups_end(uint32_t full_blocks, uint2 run) {
+  const uint32_t end = full_blocks < kGroupBlocks
+                           ? 0u
+                           : round_up(full_blocks - (kGroupBlocks - 1), uint32_t{kGroupBlocks});
+  return min(run.y, max(run.x, end));
+}
+
+// What size_blocks reports in `check`, ORed over the page: a value certainly bad, a
+// tie for verify_exact (see tie_limit), and plane words kept in the staged page
+// (which then no longer holds every value of the page).
+constexpr uint32_t kCheckBad = 1;
+constexpr uint32_t kCheckTie = 2;
+constexpr uint32_t kCheckKept = 4;
+
+// Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
+// plane words (x) and outlier bytes (y); the transposed plane word of each group that
+// keeps_planes, in the staged page. Each lane keeps only its worst |p| and e: the
+// page's outcome (RAW if any value is certainly bad, else verify_exact if any ties,
+// else compressed) is the same as from the per-value tests, since a worst e equal to
+// eb with no e above it means a tie, and a NaN anywhere stays NaN. Wraps: whether a
+// lane's row changes from one block to the next (`rows` does not divide 32).
+template <uint8_t Code, uint8_t Mode, bool Wraps>
+__device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
+                                             const PageGeometry& g, uint2 run, uint8_t* widths,
+                                             uint32_t* check) {
+  using C = CudaType<Code>;
+  const int lane = threadIdx.x & 31;
+  const BitTranspose transpose = bit_transpose();
+  uint2 sizes = make_uint2(0, 0);
+  float worst_p = 0.0f, worst_e = 0.0f;
+  StreamCursor cur = in_shared_addresses(
+      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues), sizeof(typename C::type));
+  const auto code_group = [&](uint32_t j, auto full) {
+    uint32_t width_bytes = 0, row = 0, first = 0, second = 0;
 #pragma unroll
-  for (int i = 0; i < G; ++i) row |= (magnitude(d[i]) << 1 | d[i] >> 31) << (kField * i);
-  const uint32_t word = transpose(row);
-  // Words of the blocks before this lane's block: byte b of words * 0x01010100.
-  const uint32_t before = ((words * 0x01010100u) >> (8 * b)) & 0xFFu;
-  if (static_cast<uint32_t>(t) < ((words >> (8 * b)) & 0xFFu)) planes[at + before + t] = word;
+    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
+      if (b == 0) first = cur.index;
+      if (b == 1) second = cur.index;
+      const LaneCode c = coder.template code<decltype(full)::value>(cur.index, j + b);
+      if (c.valid) {
+        worst_p = max_nan(worst_p, c.abs_p);
+        worst_e = max_nan(worst_e, c.e);
+      }
+      uint32_t width = fast_bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
+      if constexpr (Mode == kOutlier) {
+        const uint32_t k = (fast_bit_length(zigzag(__shfl_sync(kFull, c.q, 0))) + 7) / 8;
+        width |= k << 5;
+        sizes.y += k;
+      } else {
+        // plane_row<4> built as the residuals come; used only if the widths allow.
+        row |= (magnitude(c.d) << 1 | c.d >> 31) << (8 * b);
+      }
+      width_bytes |= width << (8 * b);
+    }
+    sizes.x += (group_block_words(width_bytes) * 0x01010101u) >> 24;
+    if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
+    // A group with no padding block passes keeps_planes' test of j.
+    const bool keep = decltype(full)::value ? Mode != kOutlier && (width_bytes & kWiderThan7) == 0
+                                            : keeps_planes<Mode>(width_bytes, j, coder.full_blocks);
+    if (width_bytes != 0 && keep) C::keep_word(first, second, transpose(row));
+  };
+  // Groups with no padding block are coded with no test of which values are real.
+  uint32_t full_end = full_groups_end(coder.full_blocks, run);
+  const bool last_group = full_end < run.y;
+  // Held, not worked out again on every group as ptxas otherwise does.
+  asm("" : "+r"(full_end));
+  uint32_t j = run.x;
+  for (; j < full_end; j += kGroupBlocks) code_group(j, std::true_type{});
+  if (last_group) code_group(j, std::false_type{});
+  // Whether any group kept its word, from the width words as stored (one group a lane):
+  // a flag carried through the loops would take a register there.
+  bool kept = false;
+  if constexpr (Mode != kOutlier) {
+    __syncwarp();
+    for (uint32_t k = run.x + kGroupBlocks * lane; k < run.y; k += kGroupBlocks * 32) {
+      const uint32_t wb = *reinterpret_cast<const uint32_t*>(widths + k);
+      kept |= wb != 0 && keeps_planes<Mode>(wb, k, coder.full_blocks);
+    }
+  }
+  const bool bad = !(worst_p <= kMaxQuant) || !(worst_e <= coder.pq.eb);
+  const bool tie = worst_e == tie_limit(coder.pq.eb);
+  *check = (bad ? kCheckBad : 0u) | (tie ? kCheckTie : 0u) | (kept ? kCheckKept : 0u);
+  return sizes;
 }
 
 // Pass 2 over a warp's run: its outlier bytes into `stage` and its plane words into
 // `planes`, from the run's offsets `at` in each. A group whose widths are all at most
-// 7 (nearly all at the usual bounds) costs one transpose, not four.
+// 7 (nearly all at the usual bounds) costs one transpose, not four, and none at all
+// here when pass 1 kept its word.
 template <uint8_t Code, uint8_t Mode, bool Wraps>
 __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run,
                                              const uint8_t* widths, uint2 at, uint32_t* planes,
                                              uint8_t* stage) {
+  using C = CudaType<Code>;
   const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
   StreamCursor cur = in_shared_addresses(
-      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
-      sizeof(typename CudaType<Code>::type));
-  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
+      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues), sizeof(typename C::type));
+  const auto write_group = [&](uint32_t j, auto full) {
     const uint32_t width_bytes = *reinterpret_cast<const uint32_t*>(widths + j);
     if (width_bytes == 0) {
+      cur.advance_group<Wraps>();
+      return;
+    }
+    const uint32_t words = group_block_words(width_bytes);
+    // As in size_blocks: a group with no padding block passes keeps_planes' test of j.
+    const bool kept = decltype(full)::value
+                          ? Mode != kOutlier && (width_bytes & kWiderThan7) == 0
+                          : keeps_planes<Mode>(width_bytes, j, coder.full_blocks);
+    if (kept) {
+      const uint32_t first = cur.index;
+      cur.advance<Wraps>();
+      store_plane_word<4>(planes, at.x, words, C::kept_word(first, cur.index));
 #pragma unroll
-      for (int b = 0; b < kGroupBlocks; ++b) cur.advance<Wraps>();
-      continue;
+      for (int b = 1; b < kGroupBlocks; ++b) cur.advance<Wraps>();
+      at.x += (words * 0x01010101u) >> 24;
+      return;
     }
     uint32_t d[kGroupBlocks];
 #pragma unroll
     for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
-      const LaneCode c = coder.code(cur.index, j + b);
+      const LaneCode c = coder.template code<decltype(full)::value>(cur.index, j + b);
       d[b] = c.d;
       if constexpr (Mode == kOutlier) {
         const int k = (width_bytes >> (8 * b + 5)) & 3;
@@ -704,7 +843,6 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
         at.y += k;
       }
     }
-    const uint32_t words = group_block_words(width_bytes);
     if ((width_bytes & kWiderThan7) == 0) {
       write_planes<4>(planes, at.x, words, d, transpose);
     } else {
@@ -724,7 +862,12 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
       }
     }
     at.x += (words * 0x01010101u) >> 24;
-  }
+  };
+  const uint32_t full_end = full_groups_end(coder.full_blocks, run);
+  const bool last_group = full_end < run.y;
+  uint32_t j = run.x;
+  for (; j < full_end; j += kGroupBlocks) write_group(j, std::true_type{});
+  if (last_group) write_group(j, std::false_type{});
 }
 
 __device__ void publish(unsigned long long* flag, unsigned long long v) {
@@ -812,6 +955,12 @@ struct FloatRange {
   }
 };
 
+// Whether compression stages a page 16 bytes at a time (its raw payload is then the
+// source page itself, with no padding).
+__device__ __forceinline__ bool staged_by_chunks(const uint8_t* src, uint32_t page_bytes) {
+  return (reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0;
+}
+
 template <uint8_t Code>
 using ChunkRange = std::conditional_t<
     Code == kFp32, FloatRange,
@@ -832,8 +981,9 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   __shared__ uint32_t payload_len_s;
   __shared__ uint32_t outlier_total_s;
   __shared__ uint8_t reason_s;
-  // The source page, read again only by a RAW padded page: kept here, not in a
-  // register held across both coding passes.
+  // The source page, read again only by verify_exact and by RAW pages whose staged
+  // copy is padded or holds kept plane words: kept here, not in a register held
+  // across both coding passes.
   __shared__ const uint8_t* src_s;
 
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
@@ -864,7 +1014,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   if (threadIdx.x == 0) src_s = src;
   float mx = -INFINITY, mn = INFINITY;
   bool nonfinite = false;
-  if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0) {
+  if (staged_by_chunks(src, page_bytes)) {
     ChunkRange<Code> chunk_range;
     // Several loads in flight per thread before any is used: one at a time leaves
     // the memory system idle for most of a page's staging.
@@ -946,9 +1096,11 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     totals.y += v.y;
     check |= warp_check[w];
   }
-  // A certainly bad value sends the page RAW at once; only ties (check == 2, the same
-  // in every thread) need the whole page checked again in binary64.
-  const bool bad = (check & 1u) != 0 || (check != 0 && verify_exact<Code>(page, a.n, g, pq));
+  // A certainly bad value sends the page RAW at once; only ties (the same in every
+  // thread) need the whole page checked again in binary64.
+  const bool bad = (check & kCheckBad) != 0 ||
+                   ((check & kCheckTie) != 0 &&
+                    verify_exact<Code>(reinterpret_cast<const T*>(src_s), a.n, pq));
 
   if (threadIdx.x == 0) {
     uint8_t reason = pq.raw_reason;
@@ -979,8 +1131,20 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   uint8_t* payload = a.out + offset_s + kHeaderBytes;
   uint32_t sum = 0;
   if (reason_s != 0) {
-    // A padded page is not contiguous in shared memory; its source is (aligned).
-    const uint8_t* raw = g.padded ? src_s : smem;
+    // A padded page is not contiguous in shared memory, and one whose plane words
+    // pass 1 kept no longer holds every value: the source page is copied instead when
+    // it is 16-byte aligned (a padded one is), staged again otherwise.
+    const uint8_t* raw = smem;
+    if (g.padded || (check & kCheckKept) != 0) {
+      if (staged_by_chunks(src_s, page_bytes)) {
+        raw = src_s;
+      } else {
+        for (uint32_t i = threadIdx.x; i < a.n; i += kThreads) {
+          page[i] = reinterpret_cast<const T*>(src_s)[i];
+        }
+        __syncthreads();
+      }
+    }
     sum = copy_checksum_words(payload, raw, payload_len_s, kHeaderChecksumWords);
   } else {
     const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
