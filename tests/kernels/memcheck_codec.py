@@ -65,6 +65,19 @@ def main() -> None:
                                                        dtype=torch.uint8).cuda()
                     decompress_pages(CompressedPages(buf[:used], c.table), dst,
                                      torch.arange(32))
+    # Pages whose narrow groups keep their plane words in shared memory during
+    # compression, half of them going RAW afterwards (a value whose quantised magnitude
+    # is over 2^22): the RAW copy reads the source page or stages it again (unaligned).
+    for mode in CodecMode:
+        for n, rows in ((4096, 16), (2245, 1), (1056, 3)):
+            pages = (torch.rand(16, n + 1, generator=g) * 2 - 1) * 0.05
+            pages[1::2] *= 1000
+            pages[::2, n - 1 - n // 7] = 2.0 ** 21 - 2.0 ** 10
+            for view in (pages[:, :n].contiguous(), pages[:, 1:]):
+                c = compress_pages(view.cuda(), torch.arange(16, device="cuda"),
+                                   CodecConfig(1.0, False, mode, rows))
+                dst = torch.empty(16, n, device="cuda")
+                decompress_pages(c, dst, torch.arange(16))
     # Several views in one launch, with ids past the last view and damaged records.
     views = [torch.randn(8, 2048, generator=g).cumsum(1).to(torch.bfloat16).cuda()
              for _ in range(3)]

@@ -170,6 +170,45 @@ def test_groups_of_every_width_class_match_cpu(dtype, mode, n, rows):
     assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
 
 
+def narrow_with_spike(num_pages: int, n: int, seed: int) -> torch.Tensor:
+    """fp32 pages whose groups are all narrow at an absolute bound of 1, so that
+    compression keeps their plane words in the staged page in place of values: odd
+    pages of values up to 50 (step 2, residuals up to 50), even pages of values up
+    to 0.05 and one value of 2^21 - 2^10 near the end. That value leaves the bound
+    attainable (step about 1e-3, residuals up to 100) but its quantised magnitude
+    exceeds 2^22, so an even page goes RAW only after the first coding pass."""
+    g = torch.Generator().manual_seed(seed)
+    pages = torch.rand(num_pages, n, generator=g) * 2 - 1
+    pages[1::2] *= 50
+    pages[::2] *= 0.05
+    pages[::2, n - 1 - n // 7] = 2.0 ** 21 - 2.0 ** 10
+    return pages
+
+
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n,rows,aligned", [(4096, 1, True), (4096, 1, False), (4096, 16, True),
+                                            (1056, 3, True), (2245, 1, False)])
+def test_raw_pages_after_kept_plane_words_match_cpu(mode, n, rows, aligned):
+    """A page that goes RAW after pass 1 kept plane words in its staged copy (fixed
+    and plain modes) must still store its values: copied from the source page
+    (aligned, padded in shared memory or not) or staged again (unaligned rows).
+    Compressed pages of the same launch keep using the kept words; outlier mode,
+    which keeps none, is the control. Byte-identical to the CPU kernels."""
+    pages = narrow_with_spike(12, n, seed=n + rows)
+    if not aligned:
+        pages = torch.cat([pages[:, :1], pages], 1)[:, 1:]
+    ids = torch.randperm(12, generator=torch.Generator().manual_seed(n))
+    cpu, gpu = both_devices(pages, ids, CodecConfig(1.0, False, mode, rows))
+    assert_same_stream(cpu, gpu)
+    reasons = cpu.table[:, 2]
+    assert (reasons == 2).sum() == 6 and (reasons == 0).sum() == 6
+    expected = torch.zeros(12, n)
+    assert (decompress_pages(cpu, expected, torch.arange(12)) == DecodeStatus.OK).all()
+    dst = torch.zeros(12, n, device="cuda")
+    assert (decompress_pages(gpu, dst, torch.arange(12, device="cuda")) == DecodeStatus.OK).all()
+    assert torch.equal(dst.cpu(), expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [2, 3, 8, 32, 48, 96, 6144])
 @pytest.mark.parametrize("aligned", [True, False])
