@@ -225,11 +225,39 @@ __host__ __device__ SharedLayout shared_layout(uint32_t page_bytes, uint32_t n) 
   return SharedLayout{page_bytes, (n + kBlockValues - 1) / kBlockValues};
 }
 
-// Byte offset in shared memory of the page's 16-byte chunk k (padded pages).
-__device__ __forceinline__ uint32_t staged_chunk_offset(const PageGeometry& g, uint32_t k,
-                                                        int elem_bytes) {
-  const uint32_t row = fast_div(g.row_chunks, k);
-  return row * g.pitch * elem_bytes + (k - row * g.row_chunks.d) * 16;
+// Walks a thread's 16-byte chunks of a padded page, k, k + kThreads, k + 2 kThreads,
+// ..., giving the byte offset of each in shared memory: an add and a rare row wrap
+// per chunk where the offset from k took a multiply-high division.
+struct ChunkWalk {
+  uint32_t at;          // byte offset of the current chunk
+  uint32_t col;         // its chunk within its row
+  uint32_t row_chunks;  // chunks of a row
+  uint32_t step_col;    // kThreads mod row_chunks
+  uint32_t step_at;     // offset change of kThreads chunks that stay within the row
+  uint32_t wrap;        // further offset change when the column passes the row's end
+  __device__ __forceinline__ void advance() {
+    at += step_at;
+    col += step_col;
+    if (col >= row_chunks) {
+      col -= row_chunks;
+      at += wrap;
+    }
+  }
+};
+
+__device__ __forceinline__ ChunkWalk chunk_walk(const PageGeometry& g, uint32_t k,
+                                                uint32_t elem_bytes) {
+  ChunkWalk w;
+  w.row_chunks = g.row_chunks.d;
+  const uint32_t pitch_bytes = g.pitch * elem_bytes, row = fast_div(g.row_chunks, k);
+  w.col = k - row * w.row_chunks;
+  w.at = row * pitch_bytes + w.col * 16;
+  const uint32_t step_rows = kThreads / w.row_chunks;
+  w.step_col = kThreads - step_rows * w.row_chunks;
+  w.step_at = step_rows * pitch_bytes + w.step_col * 16;
+  // Passing the row's end goes on to the next row and back a row of chunks (mod 2^32).
+  w.wrap = pitch_bytes - w.row_chunks * 16;
+  return w;
 }
 
 // Walks one lane's stream positions s, s + stride, s + 2 * stride, ... and gives the
@@ -1020,6 +1048,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // the memory system idle for most of a page's staging.
     constexpr int kInFlight = 4;
     const uint32_t chunks = page_bytes / 16;
+    ChunkWalk walk = chunk_walk(g, threadIdx.x, sizeof(T));
     for (uint32_t first = threadIdx.x; first < chunks; first += kThreads * kInFlight) {
       uint4 v[kInFlight];
 #pragma unroll
@@ -1032,11 +1061,12 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
         const uint32_t k = first + u * kThreads;
         if (k >= chunks) break;
         if (g.padded) {
-          uint32_t* d = reinterpret_cast<uint32_t*>(smem + staged_chunk_offset(g, k, sizeof(T)));
+          uint32_t* d = reinterpret_cast<uint32_t*>(smem + walk.at);
           d[0] = v[u].x;
           d[1] = v[u].y;
           d[2] = v[u].z;
           d[3] = v[u].w;
+          walk.advance();
         } else {
           reinterpret_cast<uint4*>(smem)[k] = v[u];
         }
@@ -1556,8 +1586,9 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   uint8_t* dst = a.dst.page(a.dst_ids[idx]);
   const PageGeometry g = geometry_s;
   if (g.padded) {
-    for (uint32_t k = threadIdx.x; k < a.n * sizeof(T) / 16; k += kThreads) {
-      const uint32_t* w = reinterpret_cast<const uint32_t*>(smem + staged_chunk_offset(g, k, sizeof(T)));
+    ChunkWalk walk = chunk_walk(g, threadIdx.x, sizeof(T));
+    for (uint32_t k = threadIdx.x; k < a.n * sizeof(T) / 16; k += kThreads, walk.advance()) {
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(smem + walk.at);
       reinterpret_cast<uint4*>(dst)[k] = make_uint4(w[0], w[1], w[2], w[3]);
     }
   } else {
