@@ -668,6 +668,11 @@ struct BitTranspose {
 // byte i of the result is byte s_i of (x, y) (y's bytes numbered 4 to 7) for the
 // selector s_3 s_2 s_1 s_0: k = 16 gives (x0 x1 y0 y1) below, (y2 y3 x2 x3) above;
 // k = 8 gives (x0 y0 x2 y2) below, (y1 x1 y3 x3) above.
+// Held: the selectors and rotations too are opaque, so that ptxas keeps them in
+// registers instead of building them again from the lane index on every use, as it
+// does in compression's first pass when registers run short. Elsewhere that would
+// take registers the loops need (outlier mode spills on sm_80).
+template <bool Held = false>
 __device__ __forceinline__ BitTranspose bit_transpose() {
   const int lane = threadIdx.x & 31;
   constexpr uint32_t kLow[3] = {0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
@@ -683,9 +688,9 @@ __device__ __forceinline__ BitTranspose bit_transpose() {
     // spend three logic operations a round where one select of x and moved will do.
     asm("" : "+r"(t.keep[r]));
     t.rot[r] = upper ? 32 - k : k;
-    asm("" : "+r"(t.rot[r]));
+    if constexpr (Held) asm("" : "+r"(t.rot[r]));
   }
-  asm("" : "+r"(t.bytes[0]), "+r"(t.bytes[1]));
+  if constexpr (Held) asm("" : "+r"(t.bytes[0]), "+r"(t.bytes[1]));
   return t;
 }
 
@@ -706,20 +711,28 @@ __device__ __forceinline__ uint32_t plane_row(const uint32_t (&d)[G]) {
 
 // Stores the lane's transposed word `word` of G blocks (plane_row) at its place
 // from plane word `at` on; `words` holds each block's word count, one a byte.
-template <int G>
+// Predicated: one predicated store, where the branch costs a convergence region
+// (three more instructions); used in compression's pass 2 for kept words, not in the
+// transposing paths, where the 64-bit address it keeps makes outlier mode spill on
+// sm_80.
+template <int G, bool Predicated = false>
 __device__ __forceinline__ void store_plane_word(uint32_t* planes, uint32_t at, uint32_t words,
                                                  uint32_t word) {
   constexpr int kField = 32 / G;
   const int lane = threadIdx.x & 31, b = lane / kField, t = lane % kField;
   // Words of the blocks before this lane's block: byte b of words * 0x01010100.
   const uint32_t before = ((words * 0x01010100u) >> (8 * b)) & 0xFFu;
-  // A predicated store: written as a branch, ptxas adds a convergence region around it.
-  asm volatile(
-      "{\n\t.reg .pred in_block;\n\t"
-      "setp.lt.u32 in_block, %0, %1;\n\t"
-      "@in_block st.global.b32 [%2], %3;\n\t}" ::"r"(static_cast<uint32_t>(t)),
-      "r"((words >> (8 * b)) & 0xFFu), "l"(planes + at + before + t), "r"(word)
-      : "memory");
+  const uint32_t count = (words >> (8 * b)) & 0xFFu;
+  if constexpr (Predicated) {
+    asm volatile(
+        "{\n\t.reg .pred in_block;\n\t"
+        "setp.lt.u32 in_block, %0, %1;\n\t"
+        "@in_block st.global.b32 [%2], %3;\n\t}" ::"r"(static_cast<uint32_t>(t)),
+        "r"(count), "l"(planes + at + before + t), "r"(word)
+        : "memory");
+  } else {
+    if (static_cast<uint32_t>(t) < count) planes[at + before + t] = word;
+  }
 }
 
 // Writes the plane words of G consecutive blocks with one warp transpose.
@@ -774,7 +787,7 @@ __device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder
                                              uint32_t* check) {
   using C = CudaType<Code>;
   const int lane = threadIdx.x & 31;
-  const BitTranspose transpose = bit_transpose();
+  const BitTranspose transpose = bit_transpose<true>();
   uint2 sizes = make_uint2(0, 0);
   float worst_p = 0.0f, worst_e = 0.0f;
   StreamCursor cur = in_shared_addresses(
@@ -860,7 +873,7 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
     if (kept) {
       const uint32_t first = cur.index;
       cur.advance<Wraps>();
-      store_plane_word<4>(planes, at.x, words, C::kept_word(first, cur.index));
+      store_plane_word<4, true>(planes, at.x, words, C::kept_word(first, cur.index));
 #pragma unroll
       for (int b = 1; b < kGroupBlocks; ++b) cur.advance<Wraps>();
       at.x += (words * 0x01010101u) >> 24;
@@ -900,11 +913,17 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
     }
     at.x += (words * 0x01010101u) >> 24;
   };
-  const uint32_t full_end = full_groups_end(coder.full_blocks, run);
-  const bool last_group = full_end < run.y;
-  uint32_t j = run.x;
-  for (; j < full_end; j += kGroupBlocks) write_group(j, std::true_type{});
-  if (last_group) write_group(j, std::false_type{});
+  if constexpr (Mode == kOutlier) {
+    // One loop with the padding tests: split like the other modes, this mode (which
+    // keeps no plane words) spills on sm_80.
+    for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) write_group(j, std::false_type{});
+  } else {
+    const uint32_t full_end = full_groups_end(coder.full_blocks, run);
+    const bool last_group = full_end < run.y;
+    uint32_t j = run.x;
+    for (; j < full_end; j += kGroupBlocks) write_group(j, std::true_type{});
+    if (last_group) write_group(j, std::false_type{});
+  }
 }
 
 __device__ void publish(unsigned long long* flag, unsigned long long v) {
