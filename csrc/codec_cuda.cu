@@ -747,9 +747,8 @@ __device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint
 // pass 1 to pass 2 (keep_word_in_halves), so that pass 2 neither reads nor codes the
 // group's values again: a group coded by one transpose (every width at most 7) whose
 // first two blocks, where the word is kept, hold no padding (BlockCoder::full_blocks).
-// Outlier mode
-// codes the values again: its pass 2 needs lane 0's quantised values for the outlier
-// bytes. Pass 2 has skipped all-zero groups before it asks.
+// Outlier mode codes the values again: its pass 2 needs lane 0's quantised values for
+// the outlier bytes. Pass 2 has skipped all-zero groups before it asks.
 template <uint8_t Mode>
 __device__ __forceinline__ bool keeps_planes(uint32_t width_bytes, uint32_t j,
                                              uint32_t full_blocks) {
