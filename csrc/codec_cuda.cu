@@ -52,6 +52,25 @@ __device__ __forceinline__ uint32_t staged_page_address() {
   return static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 }
 
+// Compression keeps the transposed plane word of a lane's four values of a group in
+// the staged page in place of two of those values (size_blocks, write_blocks): in
+// the slots of its values of the group's first two blocks, 16 bits in each for the
+// half-precision types (CudaType::keep_word, kept_word), in the first slot for fp32.
+// Each lane overwrites only values it has already coded itself, so no other lane
+// can read a kept word as a value.
+__device__ __forceinline__ void keep_word_in_halves(uint32_t at0, uint32_t at1, uint32_t w) {
+  asm volatile("st.shared.b16 [%0], %1;" ::"r"(at0), "h"(static_cast<uint16_t>(w)) : "memory");
+  asm volatile("st.shared.b16 [%0], %1;" ::"r"(at1), "h"(static_cast<uint16_t>(w >> 16))
+               : "memory");
+}
+
+__device__ __forceinline__ uint32_t kept_word_in_halves(uint32_t at0, uint32_t at1) {
+  uint16_t lo, hi;
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(lo) : "r"(at0) : "memory");
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(hi) : "r"(at1) : "memory");
+  return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+}
+
 template <uint8_t Code>
 struct CudaType;
 template <>
@@ -67,6 +86,11 @@ struct CudaType<kFp16> {
   __device__ static void store_staged(uint32_t at, float v) {
     const uint16_t bits = __half_as_ushort(__float2half_rn(v));
     asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+  }  __device__ static void keep_word(uint32_t at0, uint32_t at1, uint32_t w) {
+    keep_word_in_halves(at0, at1, w);
+  }
+  __device__ static uint32_t kept_word(uint32_t at0, uint32_t at1) {
+    return kept_word_in_halves(at0, at1);
   }
 };
 template <>
@@ -82,6 +106,11 @@ struct CudaType<kBf16> {
   __device__ static void store_staged(uint32_t at, float v) {
     const uint16_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
     asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+  }  __device__ static void keep_word(uint32_t at0, uint32_t at1, uint32_t w) {
+    keep_word_in_halves(at0, at1, w);
+  }
+  __device__ static uint32_t kept_word(uint32_t at0, uint32_t at1) {
+    return kept_word_in_halves(at0, at1);
   }
 };
 template <>
@@ -96,6 +125,13 @@ struct CudaType<kFp32> {
   }
   __device__ static void store_staged(uint32_t at, float v) {
     asm volatile("st.shared.f32 [%0], %1;" ::"r"(at), "f"(v) : "memory");
+  }  __device__ static void keep_word(uint32_t at0, uint32_t, uint32_t w) {
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(at0), "r"(w) : "memory");
+  }
+  __device__ static uint32_t kept_word(uint32_t at0, uint32_t) {
+    uint32_t w;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(w) : "r"(at0) : "memory");
+    return w;
   }
 };
 
@@ -116,12 +152,13 @@ struct SharedLayout {
   __host__ __device__ uint32_t compress_total(bool outlier) const {
     return stage_at() + (outlier ? round_up(3 * num_blocks, 16) : 0u);
   }
-  // Decompression keeps each block's first plane word and outlier value after the
-  // widths, which have kDecodeAhead zero bytes after the last block.
-  __host__ __device__ uint32_t words_at() const {
+  // Decompression keeps each block's outlier value (outlier mode) after the widths,
+  // which have at least kDecodeAhead zero bytes after the last block: they are
+  // written 16 at a time, up to widths_end().
+  __host__ __device__ uint32_t widths_end() const {
     return widths_at() + round_up(num_blocks + kDecodeAhead, 16);
   }
-  __host__ __device__ uint32_t outl_at() const { return words_at() + 4 * round_up(num_blocks, 4); }
+  __host__ __device__ uint32_t outl_at() const { return widths_end(); }
   __host__ __device__ uint32_t decompress_total() const {
     return outl_at() + 4 * round_up(num_blocks, 4);
   }
@@ -189,17 +226,48 @@ __host__ __device__ SharedLayout shared_layout(uint32_t page_bytes, uint32_t n) 
   return SharedLayout{page_bytes, (n + kBlockValues - 1) / kBlockValues};
 }
 
-// Shared-memory index of stream position s.
-__device__ __forceinline__ uint32_t staged_index(const PageGeometry& g, uint32_t s) {
-  const uint32_t col = fast_div(g.rows, s);
-  return (s - col * g.rows.d) * g.pitch + col;
-}
-
 // Byte offset in shared memory of the page's 16-byte chunk k (padded pages).
 __device__ __forceinline__ uint32_t staged_chunk_offset(const PageGeometry& g, uint32_t k,
                                                         int elem_bytes) {
   const uint32_t row = fast_div(g.row_chunks, k);
   return row * g.pitch * elem_bytes + (k - row * g.row_chunks.d) * 16;
+}
+
+// Walks one thread's 16-byte chunks of a padded page, k, k + kThreads, k + 2 kThreads,
+// ..., giving each one's staged_chunk_offset with an add and a rare row wrap. Used by
+// compression's staging loop (on sm_90, 106 instructions per four chunks where the
+// division took 127); decompression's copy-out keeps the division, which the
+// compiler spreads over four independent chunks more cheaply than this serial walk.
+struct ChunkWalk {
+  uint32_t at;          // byte offset of the current chunk
+  uint32_t col;         // its chunk within its row
+  uint32_t row_chunks;  // chunks of a row
+  uint32_t step_col;    // kThreads mod row_chunks
+  uint32_t step_at;     // offset change of kThreads chunks that stay within the row
+  uint32_t wrap;        // further offset change when the column passes the row's end
+  __device__ __forceinline__ void advance() {
+    at += step_at;
+    col += step_col;
+    if (col >= row_chunks) {
+      col -= row_chunks;
+      at += wrap;
+    }
+  }
+};
+
+__device__ __forceinline__ ChunkWalk chunk_walk(const PageGeometry& g, uint32_t k,
+                                                uint32_t elem_bytes) {
+  ChunkWalk w;
+  w.row_chunks = g.row_chunks.d;
+  const uint32_t pitch_bytes = g.pitch * elem_bytes, row = fast_div(g.row_chunks, k);
+  w.col = k - row * w.row_chunks;
+  w.at = row * pitch_bytes + w.col * 16;
+  const uint32_t step_rows = kThreads / w.row_chunks;
+  w.step_col = kThreads - step_rows * w.row_chunks;
+  w.step_at = step_rows * pitch_bytes + w.step_col * 16;
+  // Passing the row's end goes on to the next row and back a row of chunks (mod 2^32).
+  w.wrap = pitch_bytes - w.row_chunks * 16;
+  return w;
 }
 
 // Walks one lane's stream positions s, s + stride, s + 2 * stride, ... and gives the
@@ -213,6 +281,16 @@ struct StreamCursor {
   uint32_t step_index;  // index change of a stride that stays below the last row
   uint32_t wrap;        // further index change when the row passes the last one
   // Wraps false: the caller knows step_row is 0, so the row never changes.
+  // Moves on by a group of blocks; with no wrap, one add.
+  template <bool Wraps = true>
+  __device__ __forceinline__ void advance_group() {
+    if constexpr (Wraps) {
+#pragma unroll
+      for (int b = 0; b < kGroupBlocks; ++b) advance<true>();
+    } else {
+      index += kGroupBlocks * step_index;
+    }
+  }
   template <bool Wraps = true>
   __device__ __forceinline__ void advance() {
     index += step_index;
@@ -261,48 +339,6 @@ __device__ T block_reduce(T v, T* scratch, Op op) {
   return v;
 }
 
-// Exclusive prefix sums of words[0..count) and outl[0..count) in place; returns totals.
-__device__ uint2 block_exclusive_scan(uint32_t* words, uint32_t* outl, uint32_t count,
-                                      uint2* scratch) {
-  const uint32_t per = (count + kThreads - 1) / kThreads;
-  const uint32_t begin = min(count, threadIdx.x * per), end = min(count, begin + per);
-  uint2 local = make_uint2(0, 0);
-  for (uint32_t i = begin; i < end; ++i) {
-    local.x += words[i];
-    local.y += outl[i];
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  uint2 incl = local;
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint32_t x = __shfl_up_sync(kFull, incl.x, o), y = __shfl_up_sync(kFull, incl.y, o);
-    if (lane >= o) {
-      incl.x += x;
-      incl.y += y;
-    }
-  }
-  __syncthreads();
-  if (lane == 31) scratch[warp] = incl;
-  __syncthreads();
-  uint2 base = make_uint2(incl.x - local.x, incl.y - local.y), total = make_uint2(0, 0);
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) {
-      base.x += scratch[w].x;
-      base.y += scratch[w].y;
-    }
-    total.x += scratch[w].x;
-    total.y += scratch[w].y;
-  }
-  for (uint32_t i = begin; i < end; ++i) {
-    const uint32_t w = words[i], k = outl[i];
-    words[i] = base.x;
-    outl[i] = base.y;
-    base.x += w;
-    base.y += k;
-  }
-  __syncthreads();
-  return total;
-}
-
 // Copies `bytes` (a multiple of 4) between word-aligned buffers, 16 bytes at a
 // time when both are 16-byte aligned.
 __device__ void copy_words(uint8_t* dst, const uint8_t* src, uint32_t bytes) {
@@ -344,10 +380,10 @@ __device__ uint32_t copy_checksum_words(uint8_t* dst, const uint8_t* src, uint32
 
 // Checksum terms of words[begin..end), word i at checksum index `first + i`; `words`
 // is 16-byte aligned. Up to three words one at a time to a 16-byte boundary, then
-// 16 bytes a load with several loads in flight per thread (compressing, the words
-// were just written by other warps and come back from L2; decompressing, they are
-// the record's first reads from DRAM, where one load at a time would leave each
-// thread waiting a full DRAM latency per 16 bytes), then the last few words.
+// 16 bytes a load with several loads in flight per thread (the words were just
+// written by other warps and come back from L2, where one load at a time would leave
+// each thread waiting a full latency per 16 bytes), then the last few words.
+// Decompression sums its records with checksum_payload.
 __device__ uint32_t checksum_range(const uint32_t* words, uint32_t begin, uint32_t end,
                                    uint32_t first) {
   const uint32_t head = min(end, round_up(begin, 4u)), vbegin = head / 4, vend = end / 4;
@@ -463,11 +499,14 @@ struct BlockCoder {
   PageQuant pq;
   uint32_t not_first;  // all ones except in lane 0
   uint32_t lane_end;   // blocks from here on are padding in this lane
+  uint32_t full_blocks;  // blocks before this one hold no padding in any lane
 
   // Lane's value of block j, at shared address `at` (docs/format.md,
   // "Quantisation and verification" and "Residuals").
+  // Full: the caller knows block j holds no padding, in any lane.
+  template <bool Full = false>
   __device__ __forceinline__ LaneCode code(uint32_t at, uint32_t j) const {
-    const bool valid = j < lane_end;
+    const bool valid = Full || j < lane_end;
     const float x = valid ? C::load_staged(at) : 0.0f;
     const float p = mul_rn(x, pq.inv);
     const int32_t q = __float2int_rn(p);
@@ -488,7 +527,8 @@ __device__ __forceinline__ BlockCoder<Code, Mode> block_coder(const PageQuant& p
   const uint32_t last_lanes = n - (num_blocks - 1) * kBlockValues;
   return BlockCoder<Code, Mode>{pq, lane > 0 ? kFull : 0u,
                                 static_cast<uint32_t>(lane) < last_lanes ? num_blocks
-                                                                        : num_blocks - 1};
+                                                                        : num_blocks - 1,
+                                last_lanes == kBlockValues ? num_blocks : num_blocks - 1};
 }
 
 // The larger of a and b, NaN if either is: a lane's worst |p| and e then carry a NaN
@@ -505,13 +545,15 @@ __device__ __forceinline__ uint32_t magnitude(uint32_t d) {
 
 // The bound check of docs/format.md exactly as written, for pages with a tie (see
 // tie_limit) and no certainly bad value; true (for every thread) if some value fails it.
+// It reads the source page in global memory, in memory order (the order does not
+// matter to an OR): pass 1 may have replaced staged values with plane words.
 template <uint8_t Code>
-__device__ bool verify_exact(const typename CudaType<Code>::type* page, uint32_t n,
-                             const PageGeometry& g, const PageQuant& pq) {
+__device__ bool verify_exact(const typename CudaType<Code>::type* src, uint32_t n,
+                             const PageQuant& pq) {
   using C = CudaType<Code>;
   bool bad = false;
-  for (uint32_t s = threadIdx.x; s < n; s += kThreads) {
-    const float x = C::to_f32(page[staged_index(g, s)]);
+  for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
+    const float x = C::to_f32(src[i]);
     const float p = mul_rn(x, pq.inv);
     if (!(fabsf(p) <= kMaxQuant)) {
       bad = true;
@@ -554,50 +596,6 @@ __device__ __forceinline__ uint32_t fast_bit_length(uint32_t v) {
   return highest + 1u;
 }
 
-// Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
-// plane words (x) and outlier bytes (y). `check` says what the lane's values need:
-// bit 0 a value certainly bad, bit 1 a tie for verify_exact (see tie_limit). Each lane
-// keeps only its worst |p| and e: the page's outcome (RAW if any value is certainly
-// bad, else verify_exact if any ties, else compressed) is the same as from the
-// per-value tests, since a worst e equal to eb with no e above it means a tie, and a
-// NaN anywhere stays NaN. Wraps: whether a lane's row changes from one block to the
-// next (`rows` does not divide 32).
-template <uint8_t Code, uint8_t Mode, bool Wraps>
-__device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
-                                             const PageGeometry& g, uint2 run, uint8_t* widths,
-                                             uint32_t* check) {
-  const int lane = threadIdx.x & 31;
-  uint2 sizes = make_uint2(0, 0);
-  float worst_p = 0.0f, worst_e = 0.0f;
-  StreamCursor cur = in_shared_addresses(
-      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
-      sizeof(typename CudaType<Code>::type));
-  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
-    uint32_t width_bytes = 0;
-#pragma unroll
-    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
-      const LaneCode c = coder.code(cur.index, j + b);
-      if (c.valid) {
-        worst_p = max_nan(worst_p, c.abs_p);
-        worst_e = max_nan(worst_e, c.e);
-      }
-      uint32_t width = fast_bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
-      if constexpr (Mode == kOutlier) {
-        const uint32_t k = (fast_bit_length(zigzag(__shfl_sync(kFull, c.q, 0))) + 7) / 8;
-        width |= k << 5;
-        sizes.y += k;
-      }
-      width_bytes |= width << (8 * b);
-    }
-    sizes.x += (group_block_words(width_bytes) * 0x01010101u) >> 24;
-    if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
-  }
-  const bool bad = !(worst_p <= kMaxQuant) || !(worst_e <= coder.pq.eb);
-  const bool tie = worst_e == tie_limit(coder.pq.eb);
-  *check = static_cast<uint32_t>(bad) | static_cast<uint32_t>(tie) << 1;
-  return sizes;
-}
-
 // Transposes the 32 x 32 bit matrix held by a warp, lane i holding row i: on return
 // lane j holds column j, whose bit i is bit j of lane i's word. Five butterfly rounds,
 // each swapping the off-diagonal k x k blocks between lanes k apart, cost the same
@@ -629,6 +627,11 @@ struct BitTranspose {
 // byte i of the result is byte s_i of (x, y) (y's bytes numbered 4 to 7) for the
 // selector s_3 s_2 s_1 s_0: k = 16 gives (x0 x1 y0 y1) below, (y2 y3 x2 x3) above;
 // k = 8 gives (x0 y0 x2 y2) below, (y1 x1 y3 x3) above.
+// Held: the selectors and rotations too are opaque, so that ptxas keeps them in
+// registers instead of building them again from the lane index on every use, as it
+// does in compression's first pass when registers run short. Elsewhere that would
+// take registers the loops need (outlier mode spills on sm_80).
+template <bool Held = false>
 __device__ __forceinline__ BitTranspose bit_transpose() {
   const int lane = threadIdx.x & 31;
   constexpr uint32_t kLow[3] = {0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
@@ -644,56 +647,200 @@ __device__ __forceinline__ BitTranspose bit_transpose() {
     // spend three logic operations a round where one select of x and moved will do.
     asm("" : "+r"(t.keep[r]));
     t.rot[r] = upper ? 32 - k : k;
+    if constexpr (Held) asm("" : "+r"(t.rot[r]));
   }
+  if constexpr (Held) asm("" : "+r"(t.bytes[0]), "+r"(t.bytes[1]));
   return t;
 }
 
-// Writes the plane words of G consecutive blocks (G = 1, 2 or 4) with one warp
-// transpose, from plane word `at` on; `words` holds each block's word count, one a
-// byte, and d[b] is the lane's residual in block b. Lane i's row packs a field of
-// 32 / G bits per block, the sign in its lowest bit and the magnitude above, so that
-// after the transpose lane (32 / G) * b + t holds word t of block b in the order of
+// The row lane i contributes to the transpose that codes G consecutive blocks
+// (G = 1, 2 or 4), d[b] being its residual in block b: a field of 32 / G bits per
+// block, the sign in its lowest bit and the magnitude above, so that after the
+// transpose lane (32 / G) * b + t holds word t of block b in the order of
 // docs/format.md: the sign word, then magnitude bits 0, 1, ... Every width of the G
 // blocks must be below 32 / G.
+template <int G>
+__device__ __forceinline__ uint32_t plane_row(const uint32_t (&d)[G]) {
+  constexpr int kField = 32 / G;
+  uint32_t row = 0;
+#pragma unroll
+  for (int i = 0; i < G; ++i) row |= (magnitude(d[i]) << 1 | d[i] >> 31) << (kField * i);
+  return row;
+}
+
+// Stores the lane's transposed word `word` of G blocks (plane_row) at its place
+// from plane word `at` on; `words` holds each block's word count, one a byte.
+// Predicated: one predicated store, where the branch costs a convergence region
+// (three more instructions); used in compression's pass 2 for kept words, not in the
+// transposing paths, where the 64-bit address it keeps makes outlier mode spill on
+// sm_80.
+template <int G, bool Predicated = false>
+__device__ __forceinline__ void store_plane_word(uint32_t* planes, uint32_t at, uint32_t words,
+                                                 uint32_t word) {
+  constexpr int kField = 32 / G;
+  const int lane = threadIdx.x & 31, b = lane / kField, t = lane % kField;
+  // Words of the blocks before this lane's block: byte b of words * 0x01010100.
+  const uint32_t before = ((words * 0x01010100u) >> (8 * b)) & 0xFFu;
+  const uint32_t count = (words >> (8 * b)) & 0xFFu;
+  if constexpr (Predicated) {
+    asm volatile(
+        "{\n\t.reg .pred in_block;\n\t"
+        "setp.lt.u32 in_block, %0, %1;\n\t"
+        "@in_block st.global.b32 [%2], %3;\n\t}" ::"r"(static_cast<uint32_t>(t)),
+        "r"(count), "l"(planes + at + before + t), "r"(word)
+        : "memory");
+  } else {
+    if (static_cast<uint32_t>(t) < count) planes[at + before + t] = word;
+  }
+}
+
+// Writes the plane words of G consecutive blocks with one warp transpose.
 template <int G>
 __device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint32_t words,
                                              const uint32_t (&d)[G],
                                              const BitTranspose& transpose) {
-  constexpr int kField = 32 / G;
-  const int lane = threadIdx.x & 31, b = lane / kField, t = lane % kField;
-  uint32_t row = 0;
+  store_plane_word<G>(planes, at, words, transpose(plane_row<G>(d)));
+}
+
+// Whether compression keeps group j's transposed plane word in the staged page from
+// pass 1 to pass 2 (keep_word_in_halves), so that pass 2 neither reads nor codes the
+// group's values again: a group coded by one transpose (every width at most 7) whose
+// first two blocks, where the word is kept, hold no padding (BlockCoder::full_blocks).
+// Outlier mode codes the values again: its pass 2 needs lane 0's quantised values for
+// the outlier bytes. Pass 2 has skipped all-zero groups before it asks.
+template <uint8_t Mode>
+__device__ __forceinline__ bool keeps_planes(uint32_t width_bytes, uint32_t j,
+                                             uint32_t full_blocks) {
+  return Mode != kOutlier && (width_bytes & kWiderThan7) == 0 && j + 2 <= full_blocks;
+}
+
+// Where the groups of a warp's run with no padding block end: group j has none when
+// j + kGroupBlocks <= full_blocks. At most one group follows, the page's last (every
+// block but the last is full). Both passes code those groups with no test of which
+// values are real, and the last one with the tests.
+__device__ __forceinline__ uint32_t full_groups_end(uint32_t full_blocks, uint2 run) {
+  const uint32_t end = full_blocks < kGroupBlocks
+                           ? 0u
+                           : round_up(full_blocks - (kGroupBlocks - 1), uint32_t{kGroupBlocks});
+  return min(run.y, max(run.x, end));
+}
+
+// What size_blocks reports in `check`, ORed over the page: a value certainly bad, a
+// tie for verify_exact (see tie_limit), and plane words kept in the staged page
+// (which then no longer holds every value of the page).
+constexpr uint32_t kCheckBad = 1;
+constexpr uint32_t kCheckTie = 2;
+constexpr uint32_t kCheckKept = 4;
+
+// Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
+// plane words (x) and outlier bytes (y); the transposed plane word of each group that
+// keeps_planes, in the staged page. Each lane keeps only its worst |p| and e: the
+// page's outcome (RAW if any value is certainly bad, else verify_exact if any ties,
+// else compressed) is the same as from the per-value tests, since a worst e equal to
+// eb with no e above it means a tie, and a NaN anywhere stays NaN. Wraps: whether a
+// lane's row changes from one block to the next (`rows` does not divide 32).
+template <uint8_t Code, uint8_t Mode, bool Wraps>
+__device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
+                                             const PageGeometry& g, uint2 run, uint8_t* widths,
+                                             uint32_t* check) {
+  using C = CudaType<Code>;
+  const int lane = threadIdx.x & 31;
+  const BitTranspose transpose = bit_transpose<true>();
+  uint2 sizes = make_uint2(0, 0);
+  float worst_p = 0.0f, worst_e = 0.0f;
+  StreamCursor cur = in_shared_addresses(
+      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues), sizeof(typename C::type));
+  const auto code_group = [&](uint32_t j, auto full) {
+    uint32_t width_bytes = 0, row = 0, first = 0, second = 0;
 #pragma unroll
-  for (int i = 0; i < G; ++i) row |= (magnitude(d[i]) << 1 | d[i] >> 31) << (kField * i);
-  const uint32_t word = transpose(row);
-  // Words of the blocks before this lane's block: byte b of words * 0x01010100.
-  const uint32_t before = ((words * 0x01010100u) >> (8 * b)) & 0xFFu;
-  if (static_cast<uint32_t>(t) < ((words >> (8 * b)) & 0xFFu)) planes[at + before + t] = word;
+    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
+      if (b == 0) first = cur.index;
+      if (b == 1) second = cur.index;
+      const LaneCode c = coder.template code<decltype(full)::value>(cur.index, j + b);
+      if (c.valid) {
+        worst_p = max_nan(worst_p, c.abs_p);
+        worst_e = max_nan(worst_e, c.e);
+      }
+      uint32_t width = fast_bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
+      if constexpr (Mode == kOutlier) {
+        const uint32_t k = (fast_bit_length(zigzag(__shfl_sync(kFull, c.q, 0))) + 7) / 8;
+        width |= k << 5;
+        sizes.y += k;
+      } else {
+        // plane_row<4> built as the residuals come; used only if the widths allow.
+        row |= (magnitude(c.d) << 1 | c.d >> 31) << (8 * b);
+      }
+      width_bytes |= width << (8 * b);
+    }
+    sizes.x += (group_block_words(width_bytes) * 0x01010101u) >> 24;
+    if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
+    // A group with no padding block passes keeps_planes' test of j.
+    const bool keep = decltype(full)::value ? Mode != kOutlier && (width_bytes & kWiderThan7) == 0
+                                            : keeps_planes<Mode>(width_bytes, j, coder.full_blocks);
+    if (width_bytes != 0 && keep) C::keep_word(first, second, transpose(row));
+  };
+  // Groups with no padding block are coded with no test of which values are real.
+  uint32_t full_end = full_groups_end(coder.full_blocks, run);
+  const bool last_group = full_end < run.y;
+  // Held, not worked out again on every group as ptxas otherwise does.
+  asm("" : "+r"(full_end));
+  uint32_t j = run.x;
+  for (; j < full_end; j += kGroupBlocks) code_group(j, std::true_type{});
+  if (last_group) code_group(j, std::false_type{});
+  // Whether any group kept its word, from the width words as stored (one group a lane):
+  // a flag carried through the loops would take a register there.
+  bool kept = false;
+  if constexpr (Mode != kOutlier) {
+    __syncwarp();
+    for (uint32_t k = run.x + kGroupBlocks * lane; k < run.y; k += kGroupBlocks * 32) {
+      const uint32_t wb = *reinterpret_cast<const uint32_t*>(widths + k);
+      kept |= wb != 0 && keeps_planes<Mode>(wb, k, coder.full_blocks);
+    }
+  }
+  const bool bad = !(worst_p <= kMaxQuant) || !(worst_e <= coder.pq.eb);
+  const bool tie = worst_e == tie_limit(coder.pq.eb);
+  *check = (bad ? kCheckBad : 0u) | (tie ? kCheckTie : 0u) | (kept ? kCheckKept : 0u);
+  return sizes;
 }
 
 // Pass 2 over a warp's run: its outlier bytes into `stage` and its plane words into
 // `planes`, from the run's offsets `at` in each. A group whose widths are all at most
-// 7 (nearly all at the usual bounds) costs one transpose, not four.
+// 7 (nearly all at the usual bounds) costs one transpose, not four, and none at all
+// here when pass 1 kept its word.
 template <uint8_t Code, uint8_t Mode, bool Wraps>
 __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder,
                                              const PageGeometry& g, uint2 run,
                                              const uint8_t* widths, uint2 at, uint32_t* planes,
                                              uint8_t* stage) {
+  using C = CudaType<Code>;
   const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
   StreamCursor cur = in_shared_addresses(
-      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues),
-      sizeof(typename CudaType<Code>::type));
-  for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
+      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues), sizeof(typename C::type));
+  const auto write_group = [&](uint32_t j, auto full) {
     const uint32_t width_bytes = *reinterpret_cast<const uint32_t*>(widths + j);
     if (width_bytes == 0) {
+      cur.advance_group<Wraps>();
+      return;
+    }
+    const uint32_t words = group_block_words(width_bytes);
+    // As in size_blocks: a group with no padding block passes keeps_planes' test of j.
+    const bool kept = decltype(full)::value
+                          ? Mode != kOutlier && (width_bytes & kWiderThan7) == 0
+                          : keeps_planes<Mode>(width_bytes, j, coder.full_blocks);
+    if (kept) {
+      const uint32_t first = cur.index;
+      cur.advance<Wraps>();
+      store_plane_word<4, true>(planes, at.x, words, C::kept_word(first, cur.index));
 #pragma unroll
-      for (int b = 0; b < kGroupBlocks; ++b) cur.advance<Wraps>();
-      continue;
+      for (int b = 1; b < kGroupBlocks; ++b) cur.advance<Wraps>();
+      at.x += (words * 0x01010101u) >> 24;
+      return;
     }
     uint32_t d[kGroupBlocks];
 #pragma unroll
     for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
-      const LaneCode c = coder.code(cur.index, j + b);
+      const LaneCode c = coder.template code<decltype(full)::value>(cur.index, j + b);
       d[b] = c.d;
       if constexpr (Mode == kOutlier) {
         const int k = (width_bytes >> (8 * b + 5)) & 3;
@@ -704,7 +851,6 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
         at.y += k;
       }
     }
-    const uint32_t words = group_block_words(width_bytes);
     if ((width_bytes & kWiderThan7) == 0) {
       write_planes<4>(planes, at.x, words, d, transpose);
     } else {
@@ -724,6 +870,17 @@ __device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder
       }
     }
     at.x += (words * 0x01010101u) >> 24;
+  };
+  if constexpr (Mode == kOutlier) {
+    // One loop with the padding tests: split like the other modes, this mode (which
+    // keeps no plane words) spills on sm_80.
+    for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) write_group(j, std::false_type{});
+  } else {
+    const uint32_t full_end = full_groups_end(coder.full_blocks, run);
+    const bool last_group = full_end < run.y;
+    uint32_t j = run.x;
+    for (; j < full_end; j += kGroupBlocks) write_group(j, std::true_type{});
+    if (last_group) write_group(j, std::false_type{});
   }
 }
 
@@ -812,6 +969,12 @@ struct FloatRange {
   }
 };
 
+// Whether compression stages a page 16 bytes at a time (its raw payload is then the
+// source page itself, with no padding).
+__device__ __forceinline__ bool staged_by_chunks(const uint8_t* src, uint32_t page_bytes) {
+  return (reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0;
+}
+
 template <uint8_t Code>
 using ChunkRange = std::conditional_t<
     Code == kFp32, FloatRange,
@@ -832,8 +995,9 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   __shared__ uint32_t payload_len_s;
   __shared__ uint32_t outlier_total_s;
   __shared__ uint8_t reason_s;
-  // The source page, read again only by a RAW padded page: kept here, not in a
-  // register held across both coding passes.
+  // The source page, read again only by verify_exact and by RAW pages whose staged
+  // copy is padded or holds kept plane words: kept here, not in a register held
+  // across both coding passes.
   __shared__ const uint8_t* src_s;
 
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
@@ -864,12 +1028,13 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   if (threadIdx.x == 0) src_s = src;
   float mx = -INFINITY, mn = INFINITY;
   bool nonfinite = false;
-  if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && page_bytes % 16 == 0) {
+  if (staged_by_chunks(src, page_bytes)) {
     ChunkRange<Code> chunk_range;
     // Several loads in flight per thread before any is used: one at a time leaves
     // the memory system idle for most of a page's staging.
     constexpr int kInFlight = 4;
     const uint32_t chunks = page_bytes / 16;
+    ChunkWalk walk = chunk_walk(g, threadIdx.x, sizeof(T));
     for (uint32_t first = threadIdx.x; first < chunks; first += kThreads * kInFlight) {
       uint4 v[kInFlight];
 #pragma unroll
@@ -882,11 +1047,12 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
         const uint32_t k = first + u * kThreads;
         if (k >= chunks) break;
         if (g.padded) {
-          uint32_t* d = reinterpret_cast<uint32_t*>(smem + staged_chunk_offset(g, k, sizeof(T)));
+          uint32_t* d = reinterpret_cast<uint32_t*>(smem + walk.at);
           d[0] = v[u].x;
           d[1] = v[u].y;
           d[2] = v[u].z;
           d[3] = v[u].w;
+          walk.advance();
         } else {
           reinterpret_cast<uint4*>(smem)[k] = v[u];
         }
@@ -946,9 +1112,11 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     totals.y += v.y;
     check |= warp_check[w];
   }
-  // A certainly bad value sends the page RAW at once; only ties (check == 2, the same
-  // in every thread) need the whole page checked again in binary64.
-  const bool bad = (check & 1u) != 0 || (check != 0 && verify_exact<Code>(page, a.n, g, pq));
+  // A certainly bad value sends the page RAW at once; only ties (the same in every
+  // thread) need the whole page checked again in binary64.
+  const bool bad = (check & kCheckBad) != 0 ||
+                   ((check & kCheckTie) != 0 &&
+                    verify_exact<Code>(reinterpret_cast<const T*>(src_s), a.n, pq));
 
   if (threadIdx.x == 0) {
     uint8_t reason = pq.raw_reason;
@@ -979,8 +1147,20 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   uint8_t* payload = a.out + offset_s + kHeaderBytes;
   uint32_t sum = 0;
   if (reason_s != 0) {
-    // A padded page is not contiguous in shared memory; its source is (aligned).
-    const uint8_t* raw = g.padded ? src_s : smem;
+    // A padded page is not contiguous in shared memory, and one whose plane words
+    // pass 1 kept no longer holds every value: the source page is copied instead when
+    // it is 16-byte aligned (a padded one is), staged again otherwise.
+    const uint8_t* raw = smem;
+    if (g.padded || (check & kCheckKept) != 0) {
+      if (staged_by_chunks(src_s, page_bytes)) {
+        raw = src_s;
+      } else {
+        for (uint32_t i = threadIdx.x; i < a.n; i += kThreads) {
+          page[i] = reinterpret_cast<const T*>(src_s)[i];
+        }
+        __syncthreads();
+      }
+    }
     sum = copy_checksum_words(payload, raw, payload_len_s, kHeaderChecksumWords);
   } else {
     const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
@@ -1064,7 +1244,10 @@ __device__ void copy_page(uint8_t* dst, const uint8_t* src, uint32_t n) {
 }
 
 // Header and record checks that need only the header (the first rows of the
-// decode table in docs/format.md); the caller's thread 0 runs it.
+// decode table in docs/format.md). Every thread runs them on its own copy: the
+// warps load the same table row and header (one request a warp, served from L1
+// after the first), where one thread loading them for all left 255 at a barrier
+// through two dependent global latencies and needed the barrier besides.
 __device__ int32_t check_record(const DecompressArgs& a, uint32_t idx, PageHeader* h,
                                 int64_t* offset) {
   const int64_t dst_id = a.dst_ids[idx];
@@ -1081,9 +1264,10 @@ __device__ int32_t check_record(const DecompressArgs& a, uint32_t idx, PageHeade
   return kOk;
 }
 
-// Checks that need the whole payload to have been summed.
+// Checks that need the whole payload to have been summed; `sum` includes the
+// header's terms.
 __device__ int32_t check_payload(const PageHeader& h, uint32_t sum, uint8_t code, uint32_t n) {
-  if (checksum_finish(sum + header_checksum_sum(h), h.payload_len) != h.checksum) {
+  if (checksum_finish(sum, h.payload_len) != h.checksum) {
     return kBadChecksum;
   }
   if (h.dtype != code || h.n != n) return kMismatch;
@@ -1097,35 +1281,53 @@ __device__ int32_t check_payload(const PageHeader& h, uint32_t sum, uint8_t code
   return kOk;
 }
 
-// A compressed page's sections as the block loop reads them: the width bytes, the
-// blocks' first plane words and their outliers in shared memory, the plane words in
-// the record in global memory.
+// A compressed page's sections as the block loop reads them: the width bytes and
+// the blocks' outliers in shared memory, the plane words in the record in global
+// memory.
 struct DecodeSource {
   const uint8_t* widths;  // zero from num_blocks to num_blocks + kDecodeAhead
-  const uint32_t* words;  // first plane word of each block
   const uint32_t* outl;   // each block's outlier, decoded (outlier mode)
   const uint32_t* planes;
   uint32_t num_blocks;
 };
 
+// Sum of a word's four bytes, when it is below 256.
+__device__ __forceinline__ uint32_t byte_sum(uint32_t v) { return (v * 0x01010101u) >> 24; }
+
+// First plane word of each block of a group relative to the group's first, one a
+// byte: the sums of group_block_words over the blocks before it (at most 75).
+__device__ __forceinline__ uint32_t group_block_starts(uint32_t width_bytes) {
+  return group_block_words(width_bytes) * 0x01010100u;
+}
+
 // What decoding a group of four blocks needs from memory before the transpose: the
-// four width bytes and, for a group of widths at most 7, this lane's plane word (lane
-// 8b + t word t of block b, 0 past the block's words). Zero for groups past the last
-// (their width bytes are 0), so the loop fetches ahead with no bounds check.
+// four width bytes, the group's first plane word and, for a group of widths at most
+// 7, this lane's plane word (lane 8b + t word t of block b, 0 past the block's
+// words). Zero for groups past the last (their width bytes are 0), so the loop
+// fetches ahead with no bounds check. Each warp walks its own run of groups, so the
+// first plane word of the next group is this one's plus its words: no table of
+// per-block offsets, and no shared load between the width word and the plane word.
 struct GroupFetch {
   uint32_t width_bytes;
   uint32_t word;
+  uint32_t at;  // the group's first plane word
 };
 
-__device__ __forceinline__ GroupFetch fetch_group(const DecodeSource& s, uint32_t j, int lane) {
-  GroupFetch g{*reinterpret_cast<const uint32_t*>(s.widths + j), 0u};
+__device__ __forceinline__ GroupFetch fetch_group(const DecodeSource& s, uint32_t j, uint32_t at,
+                                                  int lane) {
+  GroupFetch g{*reinterpret_cast<const uint32_t*>(s.widths + j), 0u, at};
   if ((g.width_bytes & kWiderThan7) == 0) {
     const uint32_t b = lane >> 3, t = lane & 7;
     if (t < ((group_block_words(g.width_bytes) >> (8 * b)) & 0xFFu)) {
-      g.word = s.planes[s.words[j + b] + t];
+      g.word = s.planes[at + ((group_block_starts(g.width_bytes) >> (8 * b)) & 0xFFu) + t];
     }
   }
   return g;
+}
+
+// The group after g: its first plane word follows g's words (at most 100).
+__device__ __forceinline__ uint32_t next_group_at(const GroupFetch& g) {
+  return g.at + byte_sum(group_block_words(g.width_bytes));
 }
 
 // Residual of field b of a transposed word whose fields are `Field` bits: the sign in
@@ -1183,13 +1385,14 @@ __device__ __forceinline__ void lane_prefix_sums(uint32_t& v0, uint32_t& v1) {
 // width above 7), loading the words in the layout write_planes wrote them from.
 template <int G>
 __device__ __forceinline__ void load_transpose(const DecodeSource& s, uint32_t j,
-                                               uint32_t width_bytes, const BitTranspose& transpose,
+                                               const GroupFetch& g, const BitTranspose& transpose,
                                                int lane, uint32_t* d) {
   constexpr int kField = 32 / G;
-  const uint32_t b = lane / kField, t = lane % kField;
-  const uint32_t words = group_block_words(width_bytes >> (8 * (j % kGroupBlocks)));
+  const uint32_t b = lane / kField, t = lane % kField, shift = 8 * (j % kGroupBlocks);
+  const uint32_t words = group_block_words(g.width_bytes >> shift);
+  const uint32_t starts = group_block_starts(g.width_bytes) >> shift;
   uint32_t word = 0;
-  if (t < ((words >> (8 * b)) & 0xFFu)) word = s.planes[s.words[j + b] + t];
+  if (t < ((words >> (8 * b)) & 0xFFu)) word = s.planes[g.at + ((starts >> (8 * b)) & 0xFFu) + t];
   const uint32_t x = transpose(word);
 #pragma unroll
   for (int i = 0; i < G; ++i) d[i] = field_residual<kField>(x, i);
@@ -1217,10 +1420,10 @@ __device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupF
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       if (((g.width_bytes >> (16 * p)) & kWiderThan15 & 0xFFFFu) == 0) {
-        load_transpose<2>(s, j + 2 * p, g.width_bytes, transpose, lane, q + 2 * p);
+        load_transpose<2>(s, j + 2 * p, g, transpose, lane, q + 2 * p);
       } else {
-        load_transpose<1>(s, j + 2 * p, g.width_bytes, transpose, lane, q + 2 * p);
-        load_transpose<1>(s, j + 2 * p + 1, g.width_bytes, transpose, lane, q + 2 * p + 1);
+        load_transpose<1>(s, j + 2 * p, g, transpose, lane, q + 2 * p);
+        load_transpose<1>(s, j + 2 * p + 1, g, transpose, lane, q + 2 * p + 1);
       }
     }
     if constexpr (Mode == kOutlier) {
@@ -1250,8 +1453,8 @@ __device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupF
 // latency is spent on work (docs/codec-kernel-notes.md, "Third round" and "Fourth
 // round").
 template <uint8_t Code, uint8_t Mode, bool Wraps>
-__device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, StreamCursor cur,
-                                              float step, uint32_t n) {
+__device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, uint32_t run_at,
+                                              StreamCursor cur, float step, uint32_t n) {
   using C = CudaType<Code>;
   const int lane = threadIdx.x & 31;
   const BitTranspose transpose = bit_transpose();
@@ -1260,10 +1463,10 @@ __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, 
                                 ? s.num_blocks
                                 : s.num_blocks - 1;
   cur = in_shared_addresses(cur, sizeof(typename C::type));
-  GroupFetch next = fetch_group(s, run.x, lane);
+  GroupFetch next = fetch_group(s, run.x, run_at, lane);
   for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) {
     const GroupFetch g = next;
-    next = fetch_group(s, j + kGroupBlocks, lane);
+    next = fetch_group(s, j + kGroupBlocks, next_group_at(g), lane);
     uint32_t q[kGroupBlocks];
     decode_group<Mode>(s, g, j, transpose, lane, q);
     const uint32_t stored = lane_end - j;  // blocks of the group this lane stores (if < 4)
@@ -1277,62 +1480,219 @@ __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, 
   }
 }
 
-// Decodes a page's blocks in mode Mode. When `rows` divides a block's 32 positions
-// (rows 1 and 16 among them), a lane's row never changes and the cursor moves by one
-// add: a loop of its own saves the wrap test on every block.
+// Decodes the warp's run of blocks in mode Mode; the run's first plane word is
+// `run_at`. When `rows` divides a block's 32 positions (rows 1 and 16 among them), a
+// lane's row never changes and the cursor moves by one add: a loop of its own saves
+// the wrap test on every block.
 template <uint8_t Code, uint8_t Mode>
-__device__ void decode_page(const DecodeSource& s, const PageGeometry& g, float step,
-                            uint32_t n) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint2 run = warp_blocks(s.num_blocks, warp);
+__device__ void decode_page(const DecodeSource& s, const PageGeometry& g, uint2 run,
+                            uint32_t run_at, float step, uint32_t n) {
+  const int lane = threadIdx.x & 31;
   const StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
   if (cur.step_row == 0) {
-    decode_blocks<Code, Mode, false>(s, run, cur, step, n);
+    decode_blocks<Code, Mode, false>(s, run, run_at, cur, step, n);
   } else {
-    decode_blocks<Code, Mode, true>(s, run, cur, step, n);
+    decode_blocks<Code, Mode, true>(s, run, run_at, cur, step, n);
   }
+}
+
+// Checksum terms of a record's payload, `count` words from `words` (16-byte
+// aligned), word i at checksum index kHeaderChecksumWords + i, four 16-byte loads
+// in flight per thread as in checksum_range. Also gives this thread's 16-byte
+// vector threadIdx.x of the payload (zero past `count`): the width bytes, so that
+// they are parsed from the registers the checksum pass loaded them into instead of
+// being read from global memory again. Vector k is thread k % kThreads's, the last,
+// partial one included.
+__device__ uint32_t checksum_payload(const uint32_t* words, uint32_t count, uint4& first) {
+  constexpr int kInFlight = 4;
+  const uint4* vecs = reinterpret_cast<const uint4*>(words);
+  const uint32_t vend = count / 4;
+  uint32_t sum = 0;
+  first = make_uint4(0, 0, 0, 0);
+  for (uint32_t k0 = threadIdx.x; k0 < vend; k0 += kThreads * kInFlight) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const uint32_t k = k0 + u * kThreads;
+      if (k < vend) v[u] = vecs[k];
+    }
+    if (k0 == threadIdx.x) first = v[0];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const uint32_t k = k0 + u * kThreads;
+      if (k >= vend) break;
+      const uint32_t at = kHeaderChecksumWords + 4 * k;
+      sum += checksum_term(v[u].x, at) + checksum_term(v[u].y, at + 1) +
+             checksum_term(v[u].z, at + 2) + checksum_term(v[u].w, at + 3);
+    }
+  }
+  const uint32_t rest = count - 4 * vend;
+  if (rest > 0 && threadIdx.x == vend % kThreads) {
+    uint32_t w[3] = {0, 0, 0};
+#pragma unroll
+    for (uint32_t i = 0; i < 3; ++i) {
+      if (i < rest) {
+        w[i] = words[4 * vend + i];
+        sum += checksum_term(w[i], kHeaderChecksumWords + 4 * vend + i);
+      }
+    }
+    if (vend < kThreads) first = make_uint4(w[0], w[1], w[2], 0);
+  }
+  return sum;
+}
+
+// A thread's plane words and outlier bytes counted together: words in the low
+// kOutlierCountShift bits, outlier bytes above. decompress_cuda bounds a page by
+// 16 kThreads - kDecodeAhead blocks; even with malformed width bytes a block counts
+// at most 32 words and 3 bytes, so a page's sums (< 2^17 and < 2^14) fit exactly.
+constexpr int kOutlierCountShift = 18;
+constexpr uint32_t kWordCountMask = (1u << kOutlierCountShift) - 1u;
+
+__device__ __forceinline__ uint32_t group_counts(uint32_t width_bytes) {
+  return byte_sum(group_block_words(width_bytes)) |
+         byte_sum((width_bytes >> 5) & 0x03030303u) << kOutlierCountShift;
+}
+
+// Width bytes of blocks first_block .. first_block + 3 with those at or past
+// num_blocks zeroed: the section's zero padding is not checked (nor by the CPU
+// decoder), and the block loop reads the bytes past the last block as width 0.
+__device__ __forceinline__ uint32_t blocks_before(uint32_t width_bytes, uint32_t first_block,
+                                                  uint32_t num_blocks) {
+  if (first_block >= num_blocks) return 0;
+  const uint32_t left = num_blocks - first_block;
+  return left >= 4 ? width_bytes : width_bytes & ((1u << (8 * left)) - 1u);
+}
+
+// Whether any of four width bytes is malformed (docs/format.md, "Decoding"): bit 7
+// set, a width over 24 (adding 103 sets bit 7 of a byte exactly then; at most
+// 31 + 103, no carry) or outlier bytes outside outlier mode.
+__device__ __forceinline__ bool malformed_widths(uint32_t width_bytes, bool outlier_mode) {
+  const uint32_t over = ((width_bytes & 0x1F1F1F1Fu) + 0x67676767u) | width_bytes;
+  return (over & 0x80808080u) != 0 || (!outlier_mode && (width_bytes & 0x60606060u) != 0);
+}
+
+// Inclusive sums of v over the lanes.
+__device__ __forceinline__ uint32_t lane_prefix_sum(uint32_t v) {
+#pragma unroll
+  for (int delta = 1; delta < 32; delta <<= 1) v = add_from_lane_below(v, delta);
+  return v;
+}
+
+// Outlier mode: the warp replaces each block of its run by its decoded outlier in
+// `outl`, once, so that the block loop reads one shared word where it would load up
+// to three bytes from global memory. `at` is the run's first outlier byte. A lane
+// takes a group at a time: its four blocks' bytes follow the bytes of the groups of
+// the lanes below (a scan over the lanes) and of the earlier rounds. The padding
+// blocks of the last group (width bytes 0) get 0: the loop reads a group's four
+// outliers at once. Only this warp reads these entries.
+__device__ void decode_outliers(const uint8_t* widths, const uint8_t* outliers, uint2 run,
+                                uint32_t at, uint32_t* outl) {
+  const int lane = threadIdx.x & 31;
+  for (uint32_t j0 = run.x; j0 < run.y; j0 += kGroupBlocks * 32) {
+    const uint32_t j = j0 + kGroupBlocks * lane;
+    const uint32_t k = j < run.y ? (*reinterpret_cast<const uint32_t*>(widths + j) >> 5) & 0x03030303u
+                                 : 0u;
+    const uint32_t incl = lane_prefix_sum(byte_sum(k));
+    uint32_t from = at + incl - byte_sum(k), z[kGroupBlocks];
+#pragma unroll
+    for (int b = 0; b < kGroupBlocks; ++b) {
+      const uint32_t bytes = (k >> (8 * b)) & 3u;
+      z[b] = 0;
+      for (uint32_t i = 0; i < bytes; ++i) z[b] |= static_cast<uint32_t>(outliers[from + i]) << (8 * i);
+      from += bytes;
+    }
+    if (j < run.y) {
+      *reinterpret_cast<uint4*>(outl + j) =
+          make_uint4(unzigzag(z[0]), unzigzag(z[1]), unzigzag(z[2]), unzigzag(z[3]));
+    }
+    at += __shfl_sync(kFull, incl, 31);
+  }
+  __syncwarp();
 }
 
 // At least 5 CTAs an SM, as many as shared memory allows for 32 KiB pages: without
 // the bound the two-block loop takes 64 registers (4 CTAs); in 48 it does not spill.
+//
+// Per page: every thread checks the record's header itself; one checksum pass also
+// parses and counts the width bytes (thread t holds blocks 16t .. 16t + 15); one
+// barrier publishes each warp's checksum sum and counts, every thread's
+// counts before it in its warp, the width bytes and the geometry. Each warp then
+// knows the first plane word and outlier byte of its own run of groups and walks
+// them: no per-block table of offsets, no block-wide scan. The same barrier ORs
+// the width checks.
 template <uint8_t Code>
 __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
-  __shared__ uint32_t scratch[kWarps];
-  __shared__ uint2 scan_scratch[kWarps];
-  __shared__ __align__(16) PageHeader h_s;
-  __shared__ int64_t offset_s;
-  __shared__ int32_t status_s;
-
+  __shared__ uint2 warp_totals[kWarps];         // checksum sum, counts
+  __shared__ uint32_t counts_before[kThreads];  // counts of the warp's lanes below
   __shared__ PageGeometry geometry_s;
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
   uint8_t* widths = smem + L.widths_at();
-  uint32_t* words = reinterpret_cast<uint32_t*>(smem + L.words_at());
   uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
   const uint32_t idx = blockIdx.x, B = L.num_blocks;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-  if (threadIdx.x == 0) status_s = check_record(a, idx, &h_s, &offset_s);
-  __syncthreads();
-  if (status_s != kOk) {
-    if (threadIdx.x == 0) a.status[idx] = status_s;
+  PageHeader h;
+  int64_t offset;
+  int32_t status = check_record(a, idx, &h, &offset);
+  if (status != kOk) {
+    if (threadIdx.x == 0) a.status[idx] = status;
     return;
   }
-  const PageHeader h = h_s;
-  const uint8_t* payload = a.buf + offset_s + kHeaderBytes;
-  const uint32_t sum = block_reduce(
-      checksum_range(reinterpret_cast<const uint32_t*>(payload), 0, h.payload_len / 4,
-                     kHeaderChecksumWords),
-      scratch, [](uint32_t x, uint32_t y) { return x + y; });
-  if (threadIdx.x == 0) {
-    status_s = check_payload(h, sum, Code, a.n);
-    if (status_s == kOk && !(h.flags & kFlagRaw)) {
-      geometry_s = page_geometry(a.n, h.rows, sizeof(T), a.allow_padding);
-    }
+  const uint8_t* payload = a.buf + offset + kHeaderBytes;
+  uint4 first;
+  uint32_t sum = checksum_payload(reinterpret_cast<const uint32_t*>(payload), h.payload_len / 4,
+                                  first);
+  if (threadIdx.x == 0) sum += header_checksum_sum(h);
+
+  // Parsed before the header's own checks have passed, and used only after them.
+  const uint32_t first_block = 16 * threadIdx.x;
+  const uint4 wv = make_uint4(blocks_before(first.x, first_block, B),
+                              blocks_before(first.y, first_block + 4, B),
+                              blocks_before(first.z, first_block + 8, B),
+                              blocks_before(first.w, first_block + 12, B));
+  const bool outlier_mode = h.mode == kOutlier;
+  const bool malformed = malformed_widths(wv.x, outlier_mode) ||
+                         malformed_widths(wv.y, outlier_mode) ||
+                         malformed_widths(wv.z, outlier_mode) || malformed_widths(wv.w, outlier_mode);
+  const uint32_t counts =
+      group_counts(wv.x) + group_counts(wv.y) + group_counts(wv.z) + group_counts(wv.w);
+  if (first_block < L.widths_end() - L.widths_at()) {
+    *reinterpret_cast<uint4*>(widths + first_block) = wv;
   }
-  __syncthreads();
-  if (status_s != kOk) {
-    if (threadIdx.x == 0) a.status[idx] = status_s;
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFull, sum, o);
+  const uint32_t counts_incl = lane_prefix_sum(counts);
+  counts_before[threadIdx.x] = counts_incl - counts;
+  if (lane == 31) warp_totals[warp] = make_uint2(sum, counts_incl);
+  // The 64-bit divisions of the geometry by one thread, before the barrier; rows
+  // must be checked first (check_payload rejects the page otherwise).
+  if (threadIdx.x == 0 && h.rows != 0 && a.n % h.rows == 0) {
+    geometry_s = page_geometry(a.n, h.rows, sizeof(T), a.allow_padding);
+  }
+  // The page's one barrier before the block loop; it also ORs the width checks.
+  const bool any_malformed = __syncthreads_or(malformed);
+
+  // The warp's run and the thread that holds its first block's width byte.
+  const uint2 run = warp_blocks(B, warp);
+  const uint32_t holder = run.x / 16;
+  uint32_t total_sum = 0, total_counts = 0, run_counts = counts_before[holder];
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const uint2 t = warp_totals[w];
+    total_sum += t.x;
+    total_counts += t.y;
+    if (static_cast<uint32_t>(w) < holder / 32) run_counts += t.y;
+  }
+  status = check_payload(h, total_sum, Code, a.n);
+  if (status == kOk && !(h.flags & kFlagRaw) &&
+      (any_malformed ||
+       compressed_payload_len(B, total_counts >> kOutlierCountShift,
+                              total_counts & kWordCountMask) != h.payload_len)) {
+    status = kMalformed;
+  }
+  if (status != kOk) {
+    if (threadIdx.x == 0) a.status[idx] = status;
     return;
   }
   if (h.flags & kFlagRaw) {
@@ -1340,51 +1700,32 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
     if (threadIdx.x == 0) a.status[idx] = kOk;
     return;
   }
-
-  bool malformed = false;
-  for (uint32_t j = threadIdx.x; j < B; j += kThreads) {
-    const uint8_t wb = payload[j];
-    const int f = wb & 31, k = (wb >> 5) & 3;
-    malformed |= f > kMaxWidth || (wb & 0x80) || (k > 0 && h.mode != kOutlier);
-    widths[j] = wb;
-    words[j] = block_words(f);
-    outl[j] = k;
-  }
-  if (threadIdx.x < kDecodeAhead) widths[B + threadIdx.x] = 0;
-  malformed = __syncthreads_or(malformed);
-  uint2 totals = make_uint2(0, 0);
-  if (!malformed) totals = block_exclusive_scan(words, outl, B, scan_scratch);
-  if (malformed || compressed_payload_len(B, totals.y, totals.x) != h.payload_len) {
-    if (threadIdx.x == 0) a.status[idx] = kMalformed;
-    return;
-  }
+  // Add the groups of the holder's sixteen blocks before the run's first.
+  const uint4 held = *reinterpret_cast<const uint4*>(widths + 16 * holder);
+  const uint32_t groups_before = (run.x / kGroupBlocks) % 4;
+  if (groups_before > 0) run_counts += group_counts(held.x);
+  if (groups_before > 1) run_counts += group_counts(held.y);
+  if (groups_before > 2) run_counts += group_counts(held.z);
 
   const uint8_t* outliers = payload + round_up(B, 4);
   if (h.mode == kOutlier) {
-    // Each block's outlier bytes become its decoded value once, here, so that the
-    // block loop reads one shared word where it would load up to three bytes from
-    // global memory. Each thread rewrites only the entries it reads. The padding
-    // blocks of the last group (width bytes 0) get 0: the loop reads a group's four
-    // outliers at once.
-    for (uint32_t j = threadIdx.x; j < round_up(B, kGroupBlocks); j += kThreads) {
-      const uint32_t k = (widths[j] >> 5) & 3, at = outl[j];
-      uint32_t z = 0;
-      for (uint32_t i = 0; i < k; ++i) z |= static_cast<uint32_t>(outliers[at + i]) << (8 * i);
-      outl[j] = static_cast<uint32_t>(unzigzag(z));
-    }
-    __syncthreads();
+    decode_outliers(widths, outliers, run, run_counts >> kOutlierCountShift, outl);
   }
-  const DecodeSource source{widths, words, outl,
-                            reinterpret_cast<const uint32_t*>(outliers + round_up(totals.y, 4)), B};
+  const DecodeSource source{
+      widths, outl,
+      reinterpret_cast<const uint32_t*>(
+          outliers + round_up(total_counts >> kOutlierCountShift, 4)),
+      B};
+  const uint32_t run_at = run_counts & kWordCountMask;
   switch (h.mode) {
     case kFixed:
-      decode_page<Code, kFixed>(source, geometry_s, h.step, a.n);
+      decode_page<Code, kFixed>(source, geometry_s, run, run_at, h.step, a.n);
       break;
     case kPlain:
-      decode_page<Code, kPlain>(source, geometry_s, h.step, a.n);
+      decode_page<Code, kPlain>(source, geometry_s, run, run_at, h.step, a.n);
       break;
     default:
-      decode_page<Code, kOutlier>(source, geometry_s, h.step, a.n);
+      decode_page<Code, kOutlier>(source, geometry_s, run, run_at, h.step, a.n);
   }
   __syncthreads();
   // The destination and the geometry read only now: held in registers across the
@@ -1549,6 +1890,11 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
     }
     const uint32_t smem = shared_layout(args.page_smem_bytes, n).decompress_total();
     prepare_shared_memory(decompress_kernel<code>, smem, limit, n, elem);
+    // The checksum pass hands each thread 16 width bytes (decompress_kernel); the
+    // shared-memory limit keeps pages far below this on every GPU built for.
+    TORCH_CHECK_VALUE(shared_layout(0, n).num_blocks + kDecodeAhead <= 16u * kThreads,
+                      "kvcompress: pages of " + std::to_string(n) +
+                      " values are too large to decompress on the GPU");
     decompress_kernel<code><<<static_cast<unsigned>(dst_page_ids.numel()), kThreads, smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -6,8 +6,13 @@ Not a pytest module: benchmarks/run_gpu_host.sh runs it under
 kernels, on valid or corrupted streams, fails the run.
 """
 
+import sys
+from pathlib import Path
+
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.kernels.test_codec_cuda import FORGED_KINDS, forge, mixed_widths  # noqa: E402
 from vllm_kvcompress.codec import CodecConfig, CodecMode, CompressedPages, compress_pages, \
     decompress_pages
 
@@ -66,6 +71,19 @@ def main() -> None:
                 for _ in range(10):
                     decompress_pages(CompressedPages(flipped(c.buffer, used, 4, g)[:used],
                                                      c.table), dst, torch.arange(32))
+    # Pages whose narrow groups keep their plane words in shared memory during
+    # compression, half of them going RAW afterwards (a value whose quantised magnitude
+    # is over 2^22): the RAW copy reads the source page or stages it again (unaligned).
+    for mode in CodecMode:
+        for n, rows in ((4096, 16), (2245, 1), (1056, 3)):
+            pages = (torch.rand(16, n + 1, generator=g) * 2 - 1) * 0.05
+            pages[1::2] *= 1000
+            pages[::2, n - 1 - n // 7] = 2.0 ** 21 - 2.0 ** 10
+            for view in (pages[:, :n].contiguous(), pages[:, 1:]):
+                c = compress_pages(view.cuda(), torch.arange(16, device="cuda"),
+                                   CodecConfig(1.0, False, mode, rows))
+                dst = torch.empty(16, n, device="cuda")
+                decompress_pages(c, dst, torch.arange(16))
     # Several views in one launch, with ids past the last view and damaged records.
     views = [torch.randn(8, 2048, generator=g).cumsum(1).to(torch.bfloat16).cuda()
              for _ in range(3)]
@@ -76,6 +94,23 @@ def main() -> None:
     buf[torch.randint(c.used_bytes(), (16,), generator=g).cuda()] ^= 0x41
     decompress_pages(CompressedPages(buf, c.table), dst,
                      torch.tensor([5, 24, 23, -1, 9, 0], device="cuda"))
+    # Width sections forged behind valid checksums: the widths parsed from the
+    # checksum pass's registers, the warps' run offsets from their counts, width bytes
+    # moved between blocks (pages that decode from other offsets) and lengths that do
+    # not add up; pages of 512, 71 and 4 blocks.
+    for mode in CodecMode:
+        for dtype, n, rows in ((torch.bfloat16, 16384, 16), (torch.float32, 2245, 1),
+                               (torch.float32, 100, 1)):
+            pages = mixed_widths(8, n, rows, dtype, 0.01, seed=n)
+            pages[6] = 0
+            for kind in FORGED_KINDS:
+                c = compress_pages(pages, torch.arange(8), CodecConfig(0.01, False, mode, rows))
+                for page in range(8):
+                    if int(c.table[page, 2]) == 0:
+                        forge(c, page, kind, g)
+                dst = torch.empty(8, n, dtype=dtype, device="cuda")
+                decompress_pages(CompressedPages(c.buffer.cuda(), c.table.cuda()), dst,
+                                 torch.arange(8, device="cuda"))
     pack_damaged_tables(g)
     torch.cuda.synchronize()
     print("memcheck driver finished")

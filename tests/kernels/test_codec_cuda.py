@@ -3,9 +3,12 @@
 Runs on the GPU host (benchmarks/run_gpu_host.sh); skipped where CUDA is absent.
 """
 
+import struct
+
 import pytest
 import torch
 
+from tests.kernels import reference_codec as ref
 from vllm_kvcompress.codec import (CodecConfig, CodecMode, CompressedPages, DecodeStatus,
                                    compress_pages, decompress_pages)
 
@@ -167,6 +170,115 @@ def test_groups_of_every_width_class_match_cpu(dtype, mode, n, rows):
     assert (decompress_pages(cpu, expected, torch.arange(12)) == DecodeStatus.OK).all()
     dst = torch.zeros_like(pages).cuda()
     assert (decompress_pages(gpu, dst, torch.arange(12, device="cuda")) == DecodeStatus.OK).all()
+    assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+def narrow_with_spike(num_pages: int, n: int, seed: int) -> torch.Tensor:
+    """fp32 pages whose groups are all narrow at an absolute bound of 1, so that
+    compression keeps their plane words in the staged page in place of values: odd
+    pages of values up to 50 (step 2, residuals up to 50), even pages of values up
+    to 0.05 and one value of 2^21 - 2^10 near the end. That value leaves the bound
+    attainable (step about 1e-3, residuals up to 100) but its quantised magnitude
+    exceeds 2^22, so an even page goes RAW only after the first coding pass."""
+    g = torch.Generator().manual_seed(seed)
+    pages = torch.rand(num_pages, n, generator=g) * 2 - 1
+    pages[1::2] *= 50
+    pages[::2] *= 0.05
+    pages[::2, n - 1 - n // 7] = 2.0 ** 21 - 2.0 ** 10
+    return pages
+
+
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n,rows,aligned", [(4096, 1, True), (4096, 1, False), (4096, 16, True),
+                                            (1056, 3, True), (2245, 1, False)])
+def test_raw_pages_after_kept_plane_words_match_cpu(mode, n, rows, aligned):
+    """A page that goes RAW after pass 1 kept plane words in its staged copy (fixed
+    and plain modes) must still store its values: copied from the source page
+    (aligned, padded in shared memory or not) or staged again (unaligned rows).
+    Compressed pages of the same launch keep using the kept words; outlier mode,
+    which keeps none, is the control. Byte-identical to the CPU kernels."""
+    pages = narrow_with_spike(12, n, seed=n + rows)
+    if not aligned:
+        pages = torch.cat([pages[:, :1], pages], 1)[:, 1:]
+    ids = torch.randperm(12, generator=torch.Generator().manual_seed(n))
+    cpu, gpu = both_devices(pages, ids, CodecConfig(1.0, False, mode, rows))
+    assert_same_stream(cpu, gpu)
+    reasons = cpu.table[:, 2]
+    assert (reasons == 2).sum() == 6 and (reasons == 0).sum() == 6
+    expected = torch.zeros(12, n)
+    assert (decompress_pages(cpu, expected, torch.arange(12)) == DecodeStatus.OK).all()
+    dst = torch.zeros(12, n, device="cuda")
+    assert (decompress_pages(gpu, dst, torch.arange(12, device="cuda")) == DecodeStatus.OK).all()
+    assert torch.equal(dst.cpu(), expected)
+
+
+FORGED_KINDS = ["padding", "permuted", "too_wide", "bit7", "outlier_bytes", "wider", "shorter"]
+
+
+def forge(pages: CompressedPages, page: int, kind: str, g: torch.Generator) -> None:
+    """Damages the width section (or payload_len) of one compressed record of a CPU
+    batch in place, then signs it again with a valid checksum, so that the damage
+    reaches the decoder's width and section-length checks (docs/format.md,
+    "Decoding") instead of stopping at BAD_CHECKSUM."""
+    offset = int(pages.table[page, 0])
+    rec = pages.buffer[offset:offset + int(pages.table[page, 1])]
+    header = ref.parse_header(bytes(rec[:ref.HEADER_BYTES].tolist()))
+    blocks = -(-header["n"] // 32)
+    widths = rec[ref.HEADER_BYTES:ref.HEADER_BYTES + blocks]
+    narrower = (widths & 31 < 24).nonzero().flatten()
+    at = int(narrower[torch.randint(len(narrower), (1,), generator=g)])
+    if kind == "padding":  # the width section's zero padding is not checked
+        rec[ref.HEADER_BYTES + blocks:ref.HEADER_BYTES + -(-blocks // 4) * 4] = 0xA5
+    elif kind == "permuted":  # the same section lengths, blocks in other places
+        widths.copy_(widths[torch.randperm(blocks, generator=g)])
+    elif kind == "too_wide":
+        widths[at] = (widths[at] & 0x60) | int(torch.randint(25, 32, (1,), generator=g))
+    elif kind == "bit7":
+        widths[at] |= 0x80
+    elif kind == "outlier_bytes":
+        widths[at] |= 0x20
+    elif kind == "wider":  # one more plane word than the payload holds
+        widths[at] = (widths[at] & 0x60) | min(int(widths[at] & 31) + 1, 24)
+    elif kind == "shorter":
+        header["payload_len"] -= 4
+    rec[24:28] = torch.tensor(list(struct.pack("<I", header["payload_len"])),
+                                  dtype=torch.uint8)
+    payload = bytes(rec[ref.HEADER_BYTES:ref.HEADER_BYTES + header["payload_len"]].tolist())
+    check = ref.checksum(bytes(rec[:28].tolist()), payload)
+    rec[28:32] = torch.tensor(list(struct.pack("<I", check)), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("kind", FORGED_KINDS)
+@pytest.mark.parametrize("dtype,n,rows", [(torch.bfloat16, 16384, 16), (torch.float32, 2245, 1),
+                                          (torch.float16, 1056, 3), (torch.float32, 100, 1)])
+def test_forged_width_sections_match_cpu(mode, kind, dtype, n, rows):
+    """Records with valid checksums whose width bytes or payload length were forged:
+    the decoder parses the width bytes from the checksum pass's registers (thread t
+    holds blocks 16t .. 16t + 15), checks them, and gives each warp the first plane
+    word and outlier byte of its run from the counts of the blocks before it. Every
+    status and every decoded bit must match the CPU decoder: malformed widths,
+    section lengths that do not add up, nonzero padding after the last width byte
+    (ignored), and width bytes moved between blocks (valid lengths, so the page
+    decodes, from offsets only a correct count finds). Pages of 512, 71, 33 and 4
+    blocks; zero pages among them have payloads shorter than one 16-byte vector."""
+    g = torch.Generator().manual_seed(n + rows)
+    pages = mixed_widths(8, n, rows, dtype, 0.01, seed=n)
+    pages[6] = 0
+    pages[7, : n // 2] = 0
+    ids = torch.arange(8)
+    cpu = compress_pages(pages, ids, CodecConfig(0.01, False, mode, rows))
+    for page in range(8):
+        if int(cpu.table[page, 2]) == 0:
+            forge(cpu, page, kind, g)
+    expected = torch.full_like(pages, 3.0)
+    status_cpu = decompress_pages(cpu, expected, ids)
+    gpu = CompressedPages(cpu.buffer.cuda(), cpu.table.cuda())
+    dst = torch.full_like(pages, 3.0).cuda()
+    status = decompress_pages(gpu, dst, ids.cuda()).cpu()
+    assert torch.equal(status, status_cpu)
+    if kind in ("too_wide", "bit7", "wider", "shorter"):
+        assert (status[cpu.table[:, 2] == 0] == DecodeStatus.MALFORMED).all()
     assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
 
 
