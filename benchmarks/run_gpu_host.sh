@@ -16,6 +16,8 @@
 #   bash benchmarks/run_gpu_host.sh eviction   # benchmark_eviction.py: a cold prefill's time,
 #       host cache filling vs evicting (scheduler, worker and GPU under one profiler)
 #   bash benchmarks/run_gpu_host.sh profile    # Nsight Compute on one compress and decompress launch
+#   bash benchmarks/run_gpu_host.sh sass       # the same launches, counts and stalls per SASS instruction
+#   bash benchmarks/run_gpu_host.sh racecheck  # compute-sanitizer racecheck on the memcheck driver
 #   bash benchmarks/run_gpu_host.sh fidelity   # carry .gpu/fidelity: train + evaluate
 #   bash benchmarks/run_gpu_host.sh examples   # carry .gpu/fidelity: examples/ on the test model
 # Phases may be chained in one call: `build codec`, `e2e fidelity`. SKIP_KERNEL_TESTS=1
@@ -159,6 +161,26 @@ profile() {
     "$OUT/ncu_codec.csv" | cut -d, -f5,13- | head -40
 }
 
+# Per SASS instruction of the same two launches: executions and sampled stalls
+# (docs/codec-kernel-notes.md reads its instruction budgets from these), gzipped.
+sass() {
+  command -v ncu > /dev/null || { echo "ncu not found"; status=1; return; }
+  ncu --section SourceCounters --section WarpStateStats --kernel-name regex:"compress_kernel|decompress_kernel" \
+    --launch-count 2 --csv --page source --print-source sass \
+    python3 benchmarks/benchmark_codec.py --out "$OUT/sass_codec" --dtypes bf16 --modes plain \
+    --rel-ebs 1e-2 --warmup 0 --iters 1 > "$OUT/ncu_sass.csv" 2> "$OUT/ncu_sass.log" || status=1
+  gzip -f "$OUT/ncu_sass.csv"
+  tail -3 "$OUT/ncu_sass.log"
+}
+
+# Shared-memory hazards between the threads of a CTA, on the same launches as memcheck.
+racecheck() {
+  command -v compute-sanitizer > /dev/null || { echo "compute-sanitizer not found"; status=1; return; }
+  timeout "${RACECHECK_TIMEOUT_S:-400}" compute-sanitizer --tool racecheck --racecheck-report all \
+    --error-exitcode 9 python3 tests/kernels/memcheck_codec.py > "$OUT/racecheck.log" 2>&1 || status=1
+  tail -2 "$OUT/racecheck.log"
+}
+
 # KVCOMPRESS_ATTENTION_BACKEND (default TRITON_ATTN) picks vLLM's attention backend
 # for the end-to-end tests, OFFLOAD_ATTENTION_BACKEND (default FLASH_ATTN) for the
 # offload benchmark, so that both KV layouts run through the connector.
@@ -268,6 +290,8 @@ for phase in "${@:-build}"; do
     worker) worker ;;
     eviction) eviction ;;
     profile) profile ;;
+    sass) sass ;;
+    racecheck) racecheck ;;
     fidelity) fidelity ;;
     examples) examples ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
