@@ -889,23 +889,43 @@ __device__ void publish(unsigned long long* flag, unsigned long long v) {
   ref.store(v, cuda::memory_order_release);
 }
 
-// Single-thread decoupled look-back: the byte offset of page `idx`'s record.
-__device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t len) {
+// Decoupled look-back by one warp, every lane of which calls it: the byte offset of
+// page `idx`'s record. Lane k reads the flag of the (k + 1)-th page before the window's
+// end, so one round of loads covers 32 predecessors. A single thread walked them one
+// L2 round trip at a time: the CTAs of a wave reach their look-back together, each
+// then found mostly aggregates behind it, and its whole CTA waited at the barrier
+// after the look-back for a third of its life (docs/codec-kernel-notes.md,
+// "Compression's look-back by a warp").
+__device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t len, int lane) {
   if (idx == 0) {
-    publish(&flags[0], kFlagPrefix | len);
+    if (lane == 0) publish(&flags[0], kFlagPrefix | len);
     return 0;
   }
-  publish(&flags[idx], kFlagAggregate | len);
+  if (lane == 0) publish(&flags[idx], kFlagAggregate | len);
   uint64_t exclusive = 0;
-  for (int64_t j = static_cast<int64_t>(idx) - 1; j >= 0;) {
-    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> ref(flags[j]);
-    const unsigned long long v = ref.load(cuda::memory_order_acquire);
-    if (v == 0) continue;
-    exclusive += v & kFlagValue;
-    if (v & kFlagPrefix) break;
-    --j;
+  // Page indices are those of one launch's grid, below 2^31.
+  for (int32_t end = static_cast<int32_t>(idx);; end -= 32) {
+    const int32_t j = end - 1 - lane;
+    unsigned long long v;
+    uint32_t prefixes;
+    int32_t last;  // the lane of the nearest prefix, 31 when the window holds none
+    // Re-read the window until every page up to the nearest prefix has published.
+    do {
+      v = kFlagPrefix;  // before page 0: an empty prefix
+      if (j >= 0) {
+        cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> ref(flags[j]);
+        v = ref.load(cuda::memory_order_acquire);
+      }
+      prefixes = __ballot_sync(kFull, (v & kFlagPrefix) != 0);
+      last = prefixes != 0 ? __ffs(prefixes) - 1 : 31;
+    } while (__any_sync(kFull, v == 0 && lane <= last));
+    uint64_t part = lane <= last ? v & kFlagValue : 0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(kFull, part, o);
+    exclusive += part;
+    if (prefixes != 0) break;
   }
-  publish(&flags[idx], kFlagPrefix | (exclusive + len));
+  if (lane == 0) publish(&flags[idx], kFlagPrefix | (exclusive + len));
   return exclusive;
 }
 
@@ -1014,11 +1034,13 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   const uint32_t idx = page_index;
   const int64_t src_id = a.page_ids[idx];
   if (src_id < 0 || src_id >= a.src.count) {
-    if (threadIdx.x == 0) {
-      const uint64_t off = look_back(a.flags, idx, 0);
-      a.table[3 * idx] = static_cast<int64_t>(off);
-      a.table[3 * idx + 1] = 0;
-      a.table[3 * idx + 2] = kBadSourceIndex;
+    if (warp == 0) {
+      const uint64_t off = look_back(a.flags, idx, 0, lane);
+      if (lane == 0) {
+        a.table[3 * idx] = static_cast<int64_t>(off);
+        a.table[3 * idx + 1] = 0;
+        a.table[3 * idx + 2] = kBadSourceIndex;
+      }
     }
     return;
   }
@@ -1118,7 +1140,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
                    ((check & kCheckTie) != 0 &&
                     verify_exact<Code>(reinterpret_cast<const T*>(src_s), a.n, pq));
 
-  if (threadIdx.x == 0) {
+  if (warp == 0) {
     uint8_t reason = pq.raw_reason;
     if (reason == 0 && bad) reason = kRawBoundUnattainable;
     uint32_t payload_len = raw_payload_len(a.n, Code);
@@ -1132,14 +1154,20 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     }
     // The table row is written from shared memory after the look-back's wait: held
     // in registers across it, its values are spilled on some targets (sm_100).
-    payload_len_s = payload_len;
-    outlier_total_s = totals.y;
-    reason_s = reason;
-    offset_s = look_back(a.flags, idx, round_up(kHeaderBytes + payload_len, kRecordAlign));
-    int64_t* row = a.table + 3 * page_index;
-    row[0] = static_cast<int64_t>(offset_s);
-    row[1] = round_up(kHeaderBytes + payload_len_s, kRecordAlign);
-    row[2] = reason_s;
+    if (lane == 0) {
+      payload_len_s = payload_len;
+      outlier_total_s = totals.y;
+      reason_s = reason;
+    }
+    const uint64_t offset =
+        look_back(a.flags, idx, round_up(kHeaderBytes + payload_len, kRecordAlign), lane);
+    if (lane == 0) {
+      offset_s = offset;
+      int64_t* row = a.table + 3 * page_index;
+      row[0] = static_cast<int64_t>(offset);
+      row[1] = round_up(kHeaderBytes + payload_len_s, kRecordAlign);
+      row[2] = reason_s;
+    }
   }
   __syncthreads();
 

@@ -365,6 +365,23 @@ def test_gpu_bad_source_index_stores_nothing():
     assert gpu.table[1, 1].item() == 0 and gpu.table[1, 2].item() == 4
 
 
+@pytest.mark.parametrize("repeat", range(3))
+def test_long_batches_place_every_record_like_the_cpu(repeat):
+    """Thousands of small pages in one launch, so that thousands of CTAs run their
+    look-back at once and most find only aggregates in their first windows of 32
+    predecessors: every record's offset, as the CPU places them one after another.
+    Records of several sizes (compressed, RAW, empty for a bad source index) make a
+    wrong sum over a window show up as a shifted offset."""
+    g = torch.Generator().manual_seed(40 + repeat)
+    pages = torch.cat([kv_like(2000, 4, 64, torch.bfloat16, seed=41 + repeat),
+                       adversarial(400, 256, torch.bfloat16, seed=42 + repeat)])
+    ids = torch.randint(pages.shape[0], (6000,), generator=g)
+    ids[torch.randint(6000, (50,), generator=g)] = -1
+    cpu, gpu = both_devices(pages, ids, CodecConfig(1e-2, True, CodecMode.PLAIN, 1))
+    assert len(set(cpu.table[:, 1].tolist())) > 3
+    assert_same_stream(cpu, gpu)
+
+
 def test_runs_on_the_current_stream():
     pages = kv_like(32, 16, 256, torch.bfloat16, seed=8).cuda()
     side = torch.cuda.Stream()
