@@ -70,6 +70,10 @@ __device__ __forceinline__ uint32_t load_shared_byte(uint32_t at) {
   return b;
 }
 
+__device__ __forceinline__ void store_shared_byte(uint32_t at, uint32_t b) {
+  asm volatile("st.shared.u8 [%0], %1;" ::"r"(at), "r"(b) : "memory");
+}
+
 __device__ __forceinline__ uint4 load_shared_vec(uint32_t at) {
   uint4 v;
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
@@ -501,9 +505,9 @@ struct CompressArgs {
 //  * e < eb implies d < eb, so the value passes in binary64 too (e == 0 only when
 //    x == y, which passes eb == 0).
 //  * e > eb (also e = Inf) implies f64(d) > eb: were f64(d) <= eb < d, f64(d) would be
-//    eb and d within half a binary64 ulp above eb, so e would round to eb. A NaN y,
-//    |p| > 2^22 or a NaN p fail exactly as in binary64. Such a value is certainly bad:
-//    the page goes RAW with no second look.
+//    eb and d within half a binary64 ulp above eb, so e would round to eb. A NaN y
+//    fails exactly as in binary64 (|p| > 2^22 and a NaN p, quant_in_range). Such a
+//    value is certainly bad: the page goes RAW with no second look.
 //  * e == eb (eb > 0) is a tie that binary64 decides either way: the page goes through
 //    verify_exact. `tie_at` is eb, or NaN (equal to nothing) when eb is 0, where
 //    e == 0 passes and anything else fails.
@@ -511,9 +515,8 @@ __device__ __forceinline__ float tie_limit(float eb) {
   return eb == 0.0f ? __int_as_float(0x7FC00000) : eb;
 }
 
-// Quantised value and residual of one lane (zero for padding). Residuals are unsigned
-// so that a page about to go RAW, whose q may be saturated garbage, never overflows a
-// signed int.
+// Quantised value and residual of one lane (zero for padding), unsigned: residuals
+// wrap modulo 2^32 as the format's two's complement does.
 struct LaneCode {
   int32_t q;
   uint32_t d;
@@ -561,8 +564,13 @@ __device__ __forceinline__ float max_nan(float a, float b) {
   return m;
 }
 
+// |d| of a two's-complement residual, by the absolute-value instruction: written as a
+// select, ptxas folds the negation into fixed mode's q - 0 and spends a compare, a
+// subtraction and a select.
 __device__ __forceinline__ uint32_t magnitude(uint32_t d) {
-  return static_cast<int32_t>(d) < 0 ? 0u - d : d;
+  uint32_t m;
+  asm("abs.s32 %0, %1;" : "=r"(m) : "r"(d));
+  return m;
 }
 
 // The bound check of docs/format.md exactly as written, for pages with a tie (see
@@ -712,8 +720,8 @@ __device__ __forceinline__ LaneLayout lane_layout(const PageGeometry& g, uint32_
 // even. There the sum's bits are its value plus a constant, so q is its bits minus
 // kRoundShiftBits, a residual the difference of two values' bits, and f32(q) the sum
 // minus the offset, exactly. Two full-rate adds where F2I and I2F take the conversion
-// pipe. A page with |p| > 2^22 or a NaN p is certainly bad (tie_limit): its garbage q
-// is never stored.
+// pipe. A page with |p| > 2^22 or a NaN p never reaches the block loops
+// (quant_in_range).
 constexpr float kRoundShift = 12582912.0f;
 constexpr uint32_t kRoundShiftBits = 0x4B400000u;
 
@@ -871,13 +879,17 @@ __device__ __forceinline__ LaneBlock code_rows16(uint32_t at, uint32_t pitch,
   ResidualChain<Mode> low, high;
   uint32_t d0 = 0, r16 = 0;
 #pragma unroll
-  for (int k = 0; k < 16; ++k, at += pitch) {
+  for (int k = 0; k < 16; ++k) {
     float2 x;
     if constexpr (sizeof(typename C::type) == 2) {
       x = C::word_pair(load_shared_word(at), 0);
     } else {
       x = C::word_pair(load_shared_word(at), load_shared_word(at + 4));
     }
+    // The next row by one add, opaque: ptxas would otherwise hold the 16 row offsets
+    // in registers across the block loop (sm_100 spills them).
+    at += pitch;
+    asm("" : "+r"(at));
     const uint2 r = quantise_pair<Code>(x, pq, worst_e);
     if (k == 0) {
       b.r0 = r.x;
@@ -971,39 +983,48 @@ __device__ __forceinline__ bool keeps_words(const LaneBlocks& lb, uint32_t j,
 }
 
 // The kept words' slots: word t at byte 4 t of the block (kRows1) or in row t
-// (kRows16); the outlier in slot 8. Both layouts have at least 16 slots a block.
+// (kRows16); the outlier (outlier mode) in slot 8. Both layouts have at least 16 slots
+// a block. A row's slot is the previous one's plus the pitch, opaque, as in
+// code_rows16: ptxas would otherwise keep eight row offsets across the block loop.
 template <LaneLayout Layout>
-__device__ __forceinline__ uint32_t kept_slot(const LaneBlocks& lb, uint32_t at, int t) {
-  return at + t * (Layout == LaneLayout::kRows1 ? 4u : lb.pitch);
+__device__ __forceinline__ uint32_t next_slot(const LaneBlocks& lb, uint32_t slot) {
+  if constexpr (Layout == LaneLayout::kRows1) return slot + 4;
+  slot += lb.pitch;
+  asm("" : "+r"(slot));
+  return slot;
 }
 
-template <uint8_t Code, LaneLayout Layout>
+template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
 __device__ __forceinline__ void keep_words(const LaneBlocks& lb, uint32_t j,
                                            const uint32_t (&w)[8], uint32_t outlier) {
   const uint32_t at = lane_block_at<Code, Layout>(lb, j);
+  uint32_t slot = at;
   if constexpr (Layout == LaneLayout::kRows1) {
     store_shared_vec(at, make_uint4(w[0], w[1], w[2], w[3]));
     store_shared_vec(at + 16, make_uint4(w[4], w[5], w[6], w[7]));
+    slot = at + 32;
   } else {
 #pragma unroll
-    for (int t = 0; t < 8; ++t) store_shared_word(kept_slot<Layout>(lb, at, t), w[t]);
+    for (int t = 0; t < 8; ++t, slot = next_slot<Layout>(lb, slot)) store_shared_word(slot, w[t]);
   }
-  store_shared_word(kept_slot<Layout>(lb, at, 8), outlier);
+  if constexpr (Mode == kOutlier) store_shared_word(slot, outlier);
 }
 
-template <uint8_t Code, LaneLayout Layout>
+template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
 __device__ __forceinline__ uint32_t kept_words(const LaneBlocks& lb, uint32_t j,
                                                uint32_t (&w)[8]) {
   const uint32_t at = lane_block_at<Code, Layout>(lb, j);
+  uint32_t slot = at;
   if constexpr (Layout == LaneLayout::kRows1) {
     const uint4 lo = load_shared_vec(at), hi = load_shared_vec(at + 16);
     w[0] = lo.x, w[1] = lo.y, w[2] = lo.z, w[3] = lo.w;
     w[4] = hi.x, w[5] = hi.y, w[6] = hi.z, w[7] = hi.w;
+    slot = at + 32;
   } else {
 #pragma unroll
-    for (int t = 0; t < 8; ++t) w[t] = load_shared_word(kept_slot<Layout>(lb, at, t));
+    for (int t = 0; t < 8; ++t, slot = next_slot<Layout>(lb, slot)) w[t] = load_shared_word(slot);
   }
-  return load_shared_word(kept_slot<Layout>(lb, at, 8));
+  return Mode == kOutlier ? load_shared_word(slot) : 0u;
 }
 
 // A block's outlier (zigzag of q_0) and its byte count K (outlier mode).
@@ -1013,6 +1034,14 @@ __device__ __forceinline__ uint32_t block_outlier(uint32_t r0) {
 
 __device__ __forceinline__ uint32_t outlier_bytes(uint32_t z) {
   return (fast_bit_length(z) + 7) / 8;
+}
+
+// Stores the k (at most 3) low bytes of outlier z from shared address `at` on.
+__device__ __forceinline__ void store_outlier(uint32_t at, uint32_t z, uint32_t k) {
+#pragma unroll
+  for (uint32_t i = 0; i < 3; ++i) {
+    if (i < k) store_shared_byte(at + i, z >> (8 * i));
+  }
 }
 
 // Pass 1 over a warp's run: each block's width byte, and the run's plane words (x)
@@ -1036,7 +1065,7 @@ __device__ __forceinline__ uint2 size_lane_blocks(const LaneBlocks& lb, const Pa
       sizes.y += k;
       if (keeps_words<Layout>(lb, j, width_byte)) {
         transpose_fields(b.w);
-        keep_words<Code, Layout>(lb, j, b.w, z);
+        keep_words<Code, Mode, Layout>(lb, j, b.w, z);
         kept = true;
       }
     }
@@ -1058,16 +1087,13 @@ template <uint8_t Code, uint8_t Mode>
 __device__ __forceinline__ void write_wide_block(const BlockCoder<Code, Mode>& coder,
                                                  const PageGeometry& g, uint32_t j, uint32_t at,
                                                  uint32_t words, uint32_t out_at, uint32_t k,
-                                                 uint32_t* planes, uint8_t* stage) {
+                                                 uint32_t* planes, uint32_t stage_at) {
   const int lane = threadIdx.x & 31;
   const StreamCursor cur = in_shared_addresses(stream_cursor(g, j * kBlockValues + lane, 1),
                                                sizeof(typename CudaType<Code>::type));
   const LaneCode c = coder.code(cur.index, j);
   store_plane_word(planes, at, words, bit_transpose()(plane_row(c.d)));
-  if (Mode == kOutlier && lane == 0) {
-    const uint32_t z = zigzag(c.q);
-    for (uint32_t i = 0; i < k; ++i) stage[out_at + i] = static_cast<uint8_t>(z >> (8 * i));
-  }
+  if (Mode == kOutlier && lane == 0) store_outlier(stage_at + out_at, zigzag(c.q), k);
 }
 
 // Pass 2 over a warp's run: its plane words into `planes` and outlier bytes into
@@ -1082,9 +1108,10 @@ __device__ __forceinline__ void write_lane_blocks(const LaneBlocks& lb,
                                                   const uint8_t* widths, uint2 at,
                                                   uint32_t* planes, uint8_t* stage) {
   const uint32_t lane = threadIdx.x & 31;
+  // Shared addresses, held, not built again from the shared window's base every round.
   uint32_t widths_at = static_cast<uint32_t>(__cvta_generic_to_shared(widths));
-  // Held, not built again from the shared window's base on every round.
-  asm("" : "+r"(widths_at));
+  uint32_t stage_at = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+  asm("" : "+r"(widths_at), "+r"(stage_at));
   for (uint32_t j0 = run.x; j0 < run.y; j0 += 32) {
     const uint32_t j = j0 + lane;
     const uint32_t width_byte = j < run.y ? load_shared_byte(widths_at + j) : 0u;
@@ -1100,7 +1127,7 @@ __device__ __forceinline__ void write_lane_blocks(const LaneBlocks& lb,
     if (width_byte != 0 && f <= 7) {
       uint32_t w[8], z;
       if (keeps_words<Layout>(lb, j, width_byte)) {
-        z = kept_words<Code, Layout>(lb, j, w);
+        z = kept_words<Code, Mode, Layout>(lb, j, w);
       } else {
         float unused = 0.0f;
         LaneBlock b = code_any_rows<Code, Mode>(g, j, lb.n, coder.pq, unused);
@@ -1114,15 +1141,13 @@ __device__ __forceinline__ void write_lane_blocks(const LaneBlocks& lb,
       for (int t = 0; t < 8; ++t) {
         if (static_cast<uint32_t>(t) < words) out[t] = w[t];
       }
-      if constexpr (Mode == kOutlier) {
-        for (uint32_t i = 0; i < k; ++i) stage[out_at + i] = static_cast<uint8_t>(z >> (8 * i));
-      }
+      if constexpr (Mode == kOutlier) store_outlier(stage_at + out_at, z, k);
     }
     for (uint32_t wide = __ballot_sync(kFull, f > 7); wide != 0; wide &= wide - 1) {
       const int b = __ffs(wide) - 1;
       write_wide_block<Code, Mode>(coder, g, j0 + b, __shfl_sync(kFull, word_at, b),
                                    __shfl_sync(kFull, words, b), __shfl_sync(kFull, out_at, b),
-                                   __shfl_sync(kFull, k, b), planes, stage);
+                                   __shfl_sync(kFull, k, b), planes, stage_at);
     }
   }
 }
