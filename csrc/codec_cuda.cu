@@ -2,12 +2,13 @@
 //
 // One thread block (CTA) codes one page. The page is staged in shared memory (rows
 // padded against bank conflicts, see PageGeometry), so the column-major stream
-// order costs next to nothing, and each warp codes its blocks of 32 values four at
-// a time: lane i holds value i of each, a warp OR gives a block's width, and one warp
-// bit-matrix transpose gives the bit-plane words of all four blocks when their widths
-// are small (and, decoding, their residuals back). Compression finds
-// each page's output offset with a single-pass decoupled look-back over the pages
-// before it, so the whole batch is one launch with no host round trip.
+// order costs next to nothing. Compression codes each block of 32 values in one
+// lane, on its own: quantisation, bound check, residuals and a bit transpose in
+// registers (size_lane_blocks). Decompression decodes a warp's blocks four at a time:
+// lane i holds value i of each, and one warp bit-matrix transpose gives back the
+// residuals of all four blocks when their widths are small. Compression finds each
+// page's output offset with a single-pass decoupled look-back over the pages before
+// it, so the whole batch is one launch with no host round trip.
 // docs/codec-kernel-notes.md says where the instructions per value go.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,9 +31,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Blocks are coded in groups of four consecutive blocks, whose width bytes are one
-// aligned word: a warp bit transpose has room for the planes of four blocks of
-// width up to 7 (see write_planes), and the width bytes move four at a time.
+// Decompression decodes blocks in groups of four consecutive blocks, whose width bytes
+// are one aligned word: a warp bit transpose has room for the planes of four blocks
+// of width up to 7, and the width bytes move four at a time. Both kernels split a
+// page's blocks between warps in whole groups (warp_blocks).
 constexpr int kGroupBlocks = 4;
 // Decompression fetches the group it decodes next, up to a group past the last one
 // (which may itself end three blocks past the last block); these width bytes read as
@@ -596,9 +598,10 @@ __device__ bool verify_exact(const typename CudaType<Code>::type* src, uint32_t 
 }
 
 // Each warp codes one contiguous run of whole groups, blocks [x, y), so it keeps its
-// own running offsets in the planes and outlier sections and needs no per-block
-// scan. The last run may end up to three blocks past num_blocks: those padding
-// blocks have width 0.
+// own running offsets in the planes and outlier sections and needs no scan across
+// warps. The last run may end up to three blocks past num_blocks: those padding
+// blocks have width 0 (compression writes their width bytes, the width section's
+// padding).
 __device__ __forceinline__ uint2 warp_blocks(uint32_t num_blocks, int warp) {
   const uint32_t groups = (num_blocks + kGroupBlocks - 1) / kGroupBlocks;
   return make_uint2(warp * groups / kWarps * kGroupBlocks,
@@ -1256,7 +1259,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   using T = typename C::type;
   __shared__ uint32_t scratch[kWarps];
   __shared__ uint2 warp_sizes[kWarps];  // plane words and outlier bytes of each warp's blocks
-  __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_blocks)
+  __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_lane_blocks)
   __shared__ uint32_t page_index;
   __shared__ PageQuant pq_s;
   __shared__ uint64_t offset_s;
@@ -1462,9 +1465,8 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // above makes them visible): hashing them in the block loop would cost the warp
     // a whole hash per block with only the f + 1 lanes holding a word busy, where
     // this pass hashes 32 words with the same instructions. The record's place and
-    // sizes come from shared memory again: held in registers across write_blocks
-    // they would crowd its loop, whose transpose constants ptxas would then rebuild
-    // on every group.
+    // sizes come from shared memory again: held in registers across write_lane_blocks
+    // they would crowd its loop.
     uint8_t* payload_at = a.out + offset_s + kHeaderBytes;
     const uint32_t outlier_section = round_up(outlier_total_s, 4);
     sum = copy_checksum_words(payload_at, widths, width_bytes, kHeaderChecksumWords);
@@ -1613,7 +1615,7 @@ __device__ __forceinline__ uint32_t next_group_at(const GroupFetch& g) {
 }
 
 // Residual of field b of a transposed word whose fields are `Field` bits: the sign in
-// the lowest bit, the magnitude above (write_planes). Unsigned arithmetic: a forged
+// the lowest bit, the magnitude above (as compression's plane_row). Unsigned arithmetic: a forged
 // stream with a valid checksum may overflow, never UB.
 template <int Field>
 __device__ __forceinline__ uint32_t field_residual(uint32_t x, int b) {
@@ -1650,7 +1652,7 @@ __device__ __forceinline__ void lane_prefix_sums(uint32_t& v0, uint32_t& v1) {
 }
 
 // Residuals of G blocks of a group from one transpose (G = 2 or 1: the group has a
-// width above 7), loading the words in the layout write_planes wrote them from.
+// width above 7), loading each block's words (docs/format.md) into the lanes of its field.
 template <int G>
 __device__ __forceinline__ void load_transpose(const DecodeSource& s, uint32_t j,
                                                const GroupFetch& g, const BitTranspose& transpose,
