@@ -2,12 +2,13 @@
 //
 // One thread block (CTA) codes one page. The page is staged in shared memory (rows
 // padded against bank conflicts, see PageGeometry), so the column-major stream
-// order costs next to nothing, and each warp codes its blocks of 32 values four at
-// a time: lane i holds value i of each, a warp OR gives a block's width, and one warp
-// bit-matrix transpose gives the bit-plane words of all four blocks when their widths
-// are small (and, decoding, their residuals back). Compression finds
-// each page's output offset with a single-pass decoupled look-back over the pages
-// before it, so the whole batch is one launch with no host round trip.
+// order costs next to nothing. Compression codes each block of 32 values in one
+// lane, on its own: quantisation, bound check, residuals and a bit transpose in
+// registers (size_lane_blocks). Decompression decodes a warp's blocks four at a time:
+// lane i holds value i of each, and one warp bit-matrix transpose gives back the
+// residuals of all four blocks when their widths are small. Compression finds each
+// page's output offset with a single-pass decoupled look-back over the pages before
+// it, so the whole batch is one launch with no host round trip.
 // docs/codec-kernel-notes.md says where the instructions per value go.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,9 +31,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Blocks are coded in groups of four consecutive blocks, whose width bytes are one
-// aligned word: a warp bit transpose has room for the planes of four blocks of
-// width up to 7 (see write_planes), and the width bytes move four at a time.
+// Decompression decodes blocks in groups of four consecutive blocks, whose width bytes
+// are one aligned word: a warp bit transpose has room for the planes of four blocks
+// of width up to 7, and the width bytes move four at a time. Both kernels split a
+// page's blocks between warps in whole groups (warp_blocks).
 constexpr int kGroupBlocks = 4;
 // Decompression fetches the group it decodes next, up to a group past the last one
 // (which may itself end three blocks past the last block); these width bytes read as
@@ -52,25 +54,48 @@ __device__ __forceinline__ uint32_t staged_page_address() {
   return static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 }
 
-// Compression keeps the transposed plane word of a lane's four values of a group in
-// the staged page in place of two of those values (size_blocks, write_blocks): in
-// the slots of its values of the group's first two blocks, 16 bits in each for the
-// half-precision types (CudaType::keep_word, kept_word), in the first slot for fp32.
-// Each lane overwrites only values it has already coded itself, so no other lane
-// can read a kept word as a value.
-__device__ __forceinline__ void keep_word_in_halves(uint32_t at0, uint32_t at1, uint32_t w) {
-  asm volatile("st.shared.b16 [%0], %1;" ::"r"(at0), "h"(static_cast<uint16_t>(w)) : "memory");
-  asm volatile("st.shared.b16 [%0], %1;" ::"r"(at1), "h"(static_cast<uint16_t>(w >> 16))
+// A 32-bit load or store of the staged page (compression's per-lane block coder: two
+// half-precision values, or one fp32 value, or a plane word it keeps there).
+__device__ __forceinline__ uint32_t load_shared_word(uint32_t at) {
+  uint32_t w;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(w) : "r"(at) : "memory");
+  return w;
+}
+
+__device__ __forceinline__ void store_shared_word(uint32_t at, uint32_t w) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(w) : "memory");
+}
+
+__device__ __forceinline__ uint32_t load_shared_byte(uint32_t at) {
+  uint32_t b;
+  asm volatile("ld.shared.u8 %0, [%1];" : "=r"(b) : "r"(at) : "memory");
+  return b;
+}
+
+__device__ __forceinline__ void store_shared_byte(uint32_t at, uint32_t b) {
+  asm volatile("st.shared.u8 [%0], %1;" ::"r"(at), "r"(b) : "memory");
+}
+
+__device__ __forceinline__ uint4 load_shared_vec(uint32_t at) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(at)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_shared_vec(uint32_t at, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(at), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
                : "memory");
 }
 
-__device__ __forceinline__ uint32_t kept_word_in_halves(uint32_t at0, uint32_t at1) {
-  uint16_t lo, hi;
-  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(lo) : "r"(at0) : "memory");
-  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(hi) : "r"(at1) : "memory");
-  return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
-}
-
+// The dtype's side of coding: staged loads and stores of single values, and, for the
+// per-lane block coder, a pair of values from staged words (`pair`: pair k of a 16-byte
+// chunk; `word_pair`: the values in the low and high half of one word, or of two words
+// for fp32) and the dtype rounding of two reconstructions at once (`round_pair`: one
+// paired conversion for the half-precision types).
 template <uint8_t Code>
 struct CudaType;
 template <>
@@ -86,11 +111,12 @@ struct CudaType<kFp16> {
   __device__ static void store_staged(uint32_t at, float v) {
     const uint16_t bits = __half_as_ushort(__float2half_rn(v));
     asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
-  }  __device__ static void keep_word(uint32_t at0, uint32_t at1, uint32_t w) {
-    keep_word_in_halves(at0, at1, w);
   }
-  __device__ static uint32_t kept_word(uint32_t at0, uint32_t at1) {
-    return kept_word_in_halves(at0, at1);
+  __device__ static float2 word_pair(uint32_t lo, uint32_t) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&lo));
+  }
+  __device__ static float2 round_pair(float a, float b) {
+    return __half22float2(__floats2half2_rn(a, b));
   }
 };
 template <>
@@ -106,11 +132,14 @@ struct CudaType<kBf16> {
   __device__ static void store_staged(uint32_t at, float v) {
     const uint16_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
     asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
-  }  __device__ static void keep_word(uint32_t at0, uint32_t at1, uint32_t w) {
-    keep_word_in_halves(at0, at1, w);
   }
-  __device__ static uint32_t kept_word(uint32_t at0, uint32_t at1) {
-    return kept_word_in_halves(at0, at1);
+  // A bf16 is the high half of its f32: a shift or a mask, no conversion.
+  __device__ static float2 word_pair(uint32_t lo, uint32_t) {
+    return make_float2(__uint_as_float(lo << 16), __uint_as_float(lo & 0xFFFF0000u));
+  }
+  __device__ static float2 round_pair(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return word_pair(*reinterpret_cast<const uint32_t*>(&h), 0);
   }
 };
 template <>
@@ -125,14 +154,11 @@ struct CudaType<kFp32> {
   }
   __device__ static void store_staged(uint32_t at, float v) {
     asm volatile("st.shared.f32 [%0], %1;" ::"r"(at), "f"(v) : "memory");
-  }  __device__ static void keep_word(uint32_t at0, uint32_t, uint32_t w) {
-    asm volatile("st.shared.b32 [%0], %1;" ::"r"(at0), "r"(w) : "memory");
   }
-  __device__ static uint32_t kept_word(uint32_t at0, uint32_t) {
-    uint32_t w;
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(w) : "r"(at0) : "memory");
-    return w;
+  __device__ static float2 word_pair(uint32_t lo, uint32_t hi) {
+    return make_float2(__uint_as_float(lo), __uint_as_float(hi));
   }
+  __device__ static float2 round_pair(float a, float b) { return make_float2(a, b); }
 };
 
 // Look-back flag: state in the top two bits, an inclusive or partial byte count below.
@@ -281,16 +307,6 @@ struct StreamCursor {
   uint32_t step_index;  // index change of a stride that stays below the last row
   uint32_t wrap;        // further index change when the row passes the last one
   // Wraps false: the caller knows step_row is 0, so the row never changes.
-  // Moves on by a group of blocks; with no wrap, one add.
-  template <bool Wraps = true>
-  __device__ __forceinline__ void advance_group() {
-    if constexpr (Wraps) {
-#pragma unroll
-      for (int b = 0; b < kGroupBlocks; ++b) advance<true>();
-    } else {
-      index += kGroupBlocks * step_index;
-    }
-  }
   template <bool Wraps = true>
   __device__ __forceinline__ void advance() {
     index += step_index;
@@ -325,6 +341,27 @@ __device__ __forceinline__ StreamCursor in_shared_addresses(StreamCursor c, uint
   c.step_index *= elem_bytes;
   c.wrap *= elem_bytes;
   return c;
+}
+
+// v plus the v of the lane `delta` below, in lanes that have one. The shuffle's own
+// in-range predicate guards the add: a step is the shuffle and one predicated add,
+// where testing the lane index took a select and an add after the shuffle.
+__device__ __forceinline__ uint32_t add_from_lane_below(uint32_t v, int delta) {
+  uint32_t sum;
+  asm("{\n\t.reg .b32 below;\n\t.reg .pred has_below;\n\t"
+      "shfl.sync.up.b32 below|has_below, %1, %2, 0, 0xffffffff;\n\t"
+      "mov.b32 %0, %1;\n\t"
+      "@has_below add.u32 %0, %0, below;\n\t}"
+      : "=r"(sum)
+      : "r"(v), "r"(delta));
+  return sum;
+}
+
+// Inclusive sums of v over the lanes.
+__device__ __forceinline__ uint32_t lane_prefix_sum(uint32_t v) {
+#pragma unroll
+  for (int delta = 1; delta < 32; delta <<= 1) v = add_from_lane_below(v, delta);
+  return v;
 }
 
 template <typename T, typename Op>
@@ -470,9 +507,9 @@ struct CompressArgs {
 //  * e < eb implies d < eb, so the value passes in binary64 too (e == 0 only when
 //    x == y, which passes eb == 0).
 //  * e > eb (also e = Inf) implies f64(d) > eb: were f64(d) <= eb < d, f64(d) would be
-//    eb and d within half a binary64 ulp above eb, so e would round to eb. A NaN y,
-//    |p| > 2^22 or a NaN p fail exactly as in binary64. Such a value is certainly bad:
-//    the page goes RAW with no second look.
+//    eb and d within half a binary64 ulp above eb, so e would round to eb. A NaN y
+//    fails exactly as in binary64 (|p| > 2^22 and a NaN p, quant_in_range). Such a
+//    value is certainly bad: the page goes RAW with no second look.
 //  * e == eb (eb > 0) is a tie that binary64 decides either way: the page goes through
 //    verify_exact. `tie_at` is eb, or NaN (equal to nothing) when eb is 0, where
 //    e == 0 passes and anything else fails.
@@ -480,44 +517,35 @@ __device__ __forceinline__ float tie_limit(float eb) {
   return eb == 0.0f ? __int_as_float(0x7FC00000) : eb;
 }
 
-// Quantised value and residual of one lane (zero for padding), and what its bound
-// check needs: |p| and e (see tie_limit), valid false for padding. Residuals are
-// unsigned so that a page about to go RAW, whose q may be saturated garbage, never
-// overflows a signed int.
+// Quantised value and residual of one lane (zero for padding), unsigned: residuals
+// wrap modulo 2^32 as the format's two's complement does.
 struct LaneCode {
   int32_t q;
   uint32_t d;
-  float abs_p;
-  float e;
-  bool valid;
 };
 
-// Codes the values of one warp's blocks; the per-page and per-lane constants.
+// Codes one block with the whole warp, lane i value i (compression's blocks wider
+// than 7, see write_wide_block); the per-page and per-lane constants.
 template <uint8_t Code, uint8_t Mode>
 struct BlockCoder {
   using C = CudaType<Code>;
   PageQuant pq;
   uint32_t not_first;  // all ones except in lane 0
   uint32_t lane_end;   // blocks from here on are padding in this lane
-  uint32_t full_blocks;  // blocks before this one hold no padding in any lane
 
   // Lane's value of block j, at shared address `at` (docs/format.md,
   // "Quantisation and verification" and "Residuals").
-  // Full: the caller knows block j holds no padding, in any lane.
-  template <bool Full = false>
   __device__ __forceinline__ LaneCode code(uint32_t at, uint32_t j) const {
-    const bool valid = Full || j < lane_end;
+    const bool valid = j < lane_end;
     const float x = valid ? C::load_staged(at) : 0.0f;
-    const float p = mul_rn(x, pq.inv);
-    const int32_t q = __float2int_rn(p);
-    const float y = C::to_f32(C::from_f32(mul_rn(__int2float_rn(q), pq.step)));
+    const int32_t q = __float2int_rn(mul_rn(x, pq.inv));
     const uint32_t u = static_cast<uint32_t>(q);
     uint32_t d = u;
     if constexpr (Mode != kFixed) {
       const uint32_t prev = __shfl_up_sync(kFull, u, 1);
       d = Mode == kPlain ? u - (prev & not_first) : (u - prev) & not_first;
     }
-    return LaneCode{q, valid ? d : 0u, fabsf(p), fabsf(__fsub_rn(x, y)), valid};
+    return LaneCode{q, valid ? d : 0u};
   }
 };
 
@@ -527,11 +555,10 @@ __device__ __forceinline__ BlockCoder<Code, Mode> block_coder(const PageQuant& p
   const uint32_t last_lanes = n - (num_blocks - 1) * kBlockValues;
   return BlockCoder<Code, Mode>{pq, lane > 0 ? kFull : 0u,
                                 static_cast<uint32_t>(lane) < last_lanes ? num_blocks
-                                                                        : num_blocks - 1,
-                                last_lanes == kBlockValues ? num_blocks : num_blocks - 1};
+                                                                        : num_blocks - 1};
 }
 
-// The larger of a and b, NaN if either is: a lane's worst |p| and e then carry a NaN
+// The larger of a and b, NaN if either is: a lane's worst e then carries a NaN
 // to the check after the loop, which fails it as the per-value check would.
 __device__ __forceinline__ float max_nan(float a, float b) {
   float m;
@@ -539,8 +566,13 @@ __device__ __forceinline__ float max_nan(float a, float b) {
   return m;
 }
 
+// |d| of a two's-complement residual, by the absolute-value instruction: written as a
+// select, ptxas folds the negation into fixed mode's q - 0 and spends a compare, a
+// subtraction and a select.
 __device__ __forceinline__ uint32_t magnitude(uint32_t d) {
-  return static_cast<int32_t>(d) < 0 ? 0u - d : d;
+  uint32_t m;
+  asm("abs.s32 %0, %1;" : "=r"(m) : "r"(d));
+  return m;
 }
 
 // The bound check of docs/format.md exactly as written, for pages with a tie (see
@@ -566,9 +598,10 @@ __device__ bool verify_exact(const typename CudaType<Code>::type* src, uint32_t 
 }
 
 // Each warp codes one contiguous run of whole groups, blocks [x, y), so it keeps its
-// own running offsets in the planes and outlier sections and needs no per-block
-// scan. The last run may end up to three blocks past num_blocks: those padding
-// blocks have width 0.
+// own running offsets in the planes and outlier sections and needs no scan across
+// warps. The last run may end up to three blocks past num_blocks: those padding
+// blocks have width 0 (compression writes their width bytes, the width section's
+// padding).
 __device__ __forceinline__ uint2 warp_blocks(uint32_t num_blocks, int warp) {
   const uint32_t groups = (num_blocks + kGroupBlocks - 1) / kGroupBlocks;
   return make_uint2(warp * groups / kWarps * kGroupBlocks,
@@ -627,11 +660,6 @@ struct BitTranspose {
 // byte i of the result is byte s_i of (x, y) (y's bytes numbered 4 to 7) for the
 // selector s_3 s_2 s_1 s_0: k = 16 gives (x0 x1 y0 y1) below, (y2 y3 x2 x3) above;
 // k = 8 gives (x0 y0 x2 y2) below, (y1 x1 y3 x3) above.
-// Held: the selectors and rotations too are opaque, so that ptxas keeps them in
-// registers instead of building them again from the lane index on every use, as it
-// does in compression's first pass when registers run short. Elsewhere that would
-// take registers the loops need (outlier mode spills on sm_80).
-template <bool Held = false>
 __device__ __forceinline__ BitTranspose bit_transpose() {
   const int lane = threadIdx.x & 31;
   constexpr uint32_t kLow[3] = {0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
@@ -647,240 +675,483 @@ __device__ __forceinline__ BitTranspose bit_transpose() {
     // spend three logic operations a round where one select of x and moved will do.
     asm("" : "+r"(t.keep[r]));
     t.rot[r] = upper ? 32 - k : k;
-    if constexpr (Held) asm("" : "+r"(t.rot[r]));
   }
-  if constexpr (Held) asm("" : "+r"(t.bytes[0]), "+r"(t.bytes[1]));
   return t;
 }
 
-// The row lane i contributes to the transpose that codes G consecutive blocks
-// (G = 1, 2 or 4), d[b] being its residual in block b: a field of 32 / G bits per
-// block, the sign in its lowest bit and the magnitude above, so that after the
-// transpose lane (32 / G) * b + t holds word t of block b in the order of
-// docs/format.md: the sign word, then magnitude bits 0, 1, ... Every width of the G
-// blocks must be below 32 / G.
-template <int G>
-__device__ __forceinline__ uint32_t plane_row(const uint32_t (&d)[G]) {
-  constexpr int kField = 32 / G;
-  uint32_t row = 0;
-#pragma unroll
-  for (int i = 0; i < G; ++i) row |= (magnitude(d[i]) << 1 | d[i] >> 31) << (kField * i);
-  return row;
-}
+// The word lane i contributes to the transpose that codes one block alone (a width
+// above 7), d its residual: the sign in bit 0, the magnitude above, so that after the
+// transpose lane t holds word t of the block in the order of docs/format.md.
+__device__ __forceinline__ uint32_t plane_row(uint32_t d) { return magnitude(d) << 1 | d >> 31; }
 
-// Stores the lane's transposed word `word` of G blocks (plane_row) at its place
-// from plane word `at` on; `words` holds each block's word count, one a byte.
-// Predicated: one predicated store, where the branch costs a convergence region
-// (three more instructions); used in compression's pass 2 for kept words, not in the
-// transposing paths, where the 64-bit address it keeps makes outlier mode spill on
-// sm_80.
-template <int G, bool Predicated = false>
+// Stores lane t's transposed word of a block (plane_row) at plane word at + t when
+// the block has more than t words.
 __device__ __forceinline__ void store_plane_word(uint32_t* planes, uint32_t at, uint32_t words,
                                                  uint32_t word) {
-  constexpr int kField = 32 / G;
-  const int lane = threadIdx.x & 31, b = lane / kField, t = lane % kField;
-  // Words of the blocks before this lane's block: byte b of words * 0x01010100.
-  const uint32_t before = ((words * 0x01010100u) >> (8 * b)) & 0xFFu;
-  const uint32_t count = (words >> (8 * b)) & 0xFFu;
-  if constexpr (Predicated) {
-    asm volatile(
-        "{\n\t.reg .pred in_block;\n\t"
-        "setp.lt.u32 in_block, %0, %1;\n\t"
-        "@in_block st.global.b32 [%2], %3;\n\t}" ::"r"(static_cast<uint32_t>(t)),
-        "r"(count), "l"(planes + at + before + t), "r"(word)
-        : "memory");
-  } else {
-    if (static_cast<uint32_t>(t) < count) planes[at + before + t] = word;
-  }
+  const uint32_t t = threadIdx.x & 31;
+  if (t < words) planes[at + t] = word;
 }
 
-// Writes the plane words of G consecutive blocks with one warp transpose.
-template <int G>
-__device__ __forceinline__ void write_planes(uint32_t* planes, uint32_t at, uint32_t words,
-                                             const uint32_t (&d)[G],
-                                             const BitTranspose& transpose) {
-  store_plane_word<G>(planes, at, words, transpose(plane_row<G>(d)));
-}
-
-// Whether compression keeps group j's transposed plane word in the staged page from
-// pass 1 to pass 2 (keep_word_in_halves), so that pass 2 neither reads nor codes the
-// group's values again: a group coded by one transpose (every width at most 7) whose
-// first two blocks, where the word is kept, hold no padding (BlockCoder::full_blocks).
-// Outlier mode codes the values again: its pass 2 needs lane 0's quantised values for
-// the outlier bytes. Pass 2 has skipped all-zero groups before it asks.
-template <uint8_t Mode>
-__device__ __forceinline__ bool keeps_planes(uint32_t width_bytes, uint32_t j,
-                                             uint32_t full_blocks) {
-  return Mode != kOutlier && (width_bytes & kWiderThan7) == 0 && j + 2 <= full_blocks;
-}
-
-// Where the groups of a warp's run with no padding block end: group j has none when
-// j + kGroupBlocks <= full_blocks. At most one group follows, the page's last (every
-// block but the last is full). Both passes code those groups with no test of which
-// values are real, and the last one with the tests.
-__device__ __forceinline__ uint32_t full_groups_end(uint32_t full_blocks, uint2 run) {
-  const uint32_t end = full_blocks < kGroupBlocks
-                           ? 0u
-                           : round_up(full_blocks - (kGroupBlocks - 1), uint32_t{kGroupBlocks});
-  return min(run.y, max(run.x, end));
-}
-
-// What size_blocks reports in `check`, ORed over the page: a value certainly bad, a
-// tie for verify_exact (see tie_limit), and plane words kept in the staged page
-// (which then no longer holds every value of the page).
+// What the block coding reports in `check`, ORed over the page: a value certainly
+// bad, a tie for verify_exact (see tie_limit), and plane words kept in the staged
+// page (which then no longer holds every value of the page).
 constexpr uint32_t kCheckBad = 1;
 constexpr uint32_t kCheckTie = 2;
 constexpr uint32_t kCheckKept = 4;
 
-// Pass 1 over a warp's run: each block's width byte (four at a time), and the run's
-// plane words (x) and outlier bytes (y); the transposed plane word of each group that
-// keeps_planes, in the staged page. Each lane keeps only its worst |p| and e: the
-// page's outcome (RAW if any value is certainly bad, else verify_exact if any ties,
-// else compressed) is the same as from the per-value tests, since a worst e equal to
-// eb with no e above it means a tie, and a NaN anywhere stays NaN. Wraps: whether a
-// lane's row changes from one block to the next (`rows` does not divide 32).
-template <uint8_t Code, uint8_t Mode, bool Wraps>
-__device__ __forceinline__ uint2 size_blocks(const BlockCoder<Code, Mode>& coder,
-                                             const PageGeometry& g, uint2 run, uint8_t* widths,
-                                             uint32_t* check) {
+// Compression codes each block in one lane: a warp takes 32 consecutive blocks at a
+// time, lane i block i, reads its 32 values, and quantises, checks, forms residuals
+// and transposes them into plane words on its own, so that a block costs the warp
+// about 1/32 of a lane's instructions and nothing crosses lanes but the scan of the
+// blocks' word counts. How a lane finds its block's values in the staged page:
+//  * kRows1: memory order, 64 (128 for fp32) contiguous bytes, read 16 at a time;
+//  * kRows16: two adjacent columns of 16 rows (rows 16, the integration's choice for
+//    a KV block), a row's two values in one word (two for fp32): the pitch must keep
+//    the words aligned;
+//  * kAnyRows: one value at a time down the stream order (StreamCursor), with the
+//    padding tests; also the page's last block, when it holds padding, in the others.
+enum class LaneLayout { kRows1, kRows16, kAnyRows };
+
+__device__ __forceinline__ LaneLayout lane_layout(const PageGeometry& g, uint32_t elem_bytes) {
+  if (g.rows.d == 1) return LaneLayout::kRows1;
+  if (g.rows.d == 16 && g.pitch * elem_bytes % 4 == 0) return LaneLayout::kRows16;
+  return LaneLayout::kAnyRows;
+}
+
+// Adding 1.5 * 2^23 to a p with |p| <= 2^22 rounds it to an integer, ties to even, as
+// rint does: the sum lies in [2^23, 2^24], where f32 has a unit ulp, and the offset is
+// even. There the sum's bits are its value plus a constant, so q is its bits minus
+// kRoundShiftBits, a residual the difference of two values' bits, and f32(q) the sum
+// minus the offset, exactly. Two full-rate adds where F2I and I2F take the conversion
+// pipe. A page with |p| > 2^22 or a NaN p never reaches the block loops
+// (quant_in_range).
+constexpr float kRoundShift = 12582912.0f;
+constexpr uint32_t kRoundShiftBits = 0x4B400000u;
+
+// Whether |p| <= 2^22 for every value of the page (docs/format.md, "Quantisation
+// and verification"), from its range alone: rounding is monotonic and symmetric and
+// inv is positive (+Inf when step is 0), so the largest |p| is f32(amax * inv), amax =
+// max(mx, -mn) being one of the page's |x|. A NaN p (0 * Inf) fails the test per
+// value; here amax * Inf is Inf or, for an all-zero page, NaN, and fails too, so the
+// outcome is the same. The block loops then keep no |p| of their own.
+__device__ __forceinline__ bool quant_in_range(float mx, float mn, const PageQuant& pq) {
+  return mul_rn(fmaxf(mx, -mn), pq.inv) <= kMaxQuant;
+}
+
+// The bits of two values' rounded p (kRoundShift), their e (see tie_limit) folded
+// into a lane's worst e; the dtype rounding of the two reconstructions is one paired
+// conversion. Keeping only the worst e gives the page the same outcome as the
+// per-value tests (RAW if any value is certainly bad, else verify_exact if any ties,
+// else compressed): a worst e equal to eb with no e above it means a tie, and a NaN
+// anywhere stays NaN.
+template <uint8_t Code>
+__device__ __forceinline__ uint2 quantise_pair(float2 x, const PageQuant& pq, float& worst_e) {
   using C = CudaType<Code>;
-  const int lane = threadIdx.x & 31;
-  const BitTranspose transpose = bit_transpose<true>();
-  uint2 sizes = make_uint2(0, 0);
-  float worst_p = 0.0f, worst_e = 0.0f;
-  StreamCursor cur = in_shared_addresses(
-      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues), sizeof(typename C::type));
-  const auto code_group = [&](uint32_t j, auto full) {
-    uint32_t width_bytes = 0, row = 0, first = 0, second = 0;
+  const float r0 = __fadd_rn(mul_rn(x.x, pq.inv), kRoundShift);
+  const float r1 = __fadd_rn(mul_rn(x.y, pq.inv), kRoundShift);
+  const float2 y = C::round_pair(mul_rn(__fsub_rn(r0, kRoundShift), pq.step),
+                                 mul_rn(__fsub_rn(r1, kRoundShift), pq.step));
+  worst_e = max_nan(worst_e, max_nan(fabsf(__fsub_rn(x.x, y.x)), fabsf(__fsub_rn(x.y, y.y))));
+  return make_uint2(__float_as_uint(r0), __float_as_uint(r1));
+}
+
+// The same for one value; a padding value (valid false) leaves `worst_e` alone.
+template <uint8_t Code>
+__device__ __forceinline__ uint32_t quantise_one(float x, bool valid, const PageQuant& pq,
+                                                 float& worst_e) {
+  using C = CudaType<Code>;
+  const float r = __fadd_rn(mul_rn(x, pq.inv), kRoundShift);
+  const float y = C::to_f32(C::from_f32(mul_rn(__fsub_rn(r, kRoundShift), pq.step)));
+  if (valid) worst_e = max_nan(worst_e, fabsf(__fsub_rn(x, y)));
+  return __float_as_uint(r);
+}
+
+// Residuals of one block in stream order (docs/format.md, "Residuals") from the
+// values' rounded bits: d = r - prev, prev being the previous value's bits, or
+// kRoundShiftBits (q = 0) for fixed mode and a plain block's first value. Outlier
+// mode starts prev at the first value's own bits (d_0 = 0).
+template <uint8_t Mode>
+struct ResidualChain {
+  uint32_t prev = kRoundShiftBits;
+  __device__ __forceinline__ void start(uint32_t r0) {
+    if constexpr (Mode == kOutlier) prev = r0;
+  }
+  __device__ __forceinline__ uint32_t next(uint32_t r) {
+    const uint32_t d = r - prev;
+    if constexpr (Mode != kFixed) prev = r;
+    return d;
+  }
+};
+
+// One block as its lane codes it. While coding, byte i / 8 of word i % 8 holds value
+// i's field |d_i| << 1 | sign (8 bits, exact while the width is at most 7), so that
+// transpose_fields can make the format's words out of them: word 0 the sign word,
+// word t bit t - 1 of the magnitudes.
+struct LaneBlock {
+  uint32_t w[8] = {};
+  uint32_t mag = 0;  // OR of the magnitudes: the width
+  uint32_t r0 = 0;   // the first value's rounded bits (outlier mode: its outlier)
+  // Values i0 and i1, residuals d0 and d1: one three-input OR for both magnitudes.
+  // A field is added into its word, one shift-and-add, where the bytes of a width
+  // above 7 spill into their neighbours: those words are never used.
+  __device__ __forceinline__ void put(int i0, uint32_t d0, int i1, uint32_t d1) {
+    const uint32_t m0 = magnitude(d0), m1 = magnitude(d1);
+    mag |= m0 | m1;
+    place(i0, m0 << 1 | d0 >> 31);
+    place(i1, m1 << 1 | d1 >> 31);
+  }
+  __device__ __forceinline__ void place(int i, uint32_t field) {
+    w[i % 8] += field << (8 * (i / 8));
+  }
+};
+
+// The bits of x where Mask is set, of y elsewhere: one three-input logic operation.
+// Written as (x & mask) | (y & ~mask), ptxas splits it in two when it knows the
+// shifted operand's low bits are zero.
+template <uint32_t Mask>
+__device__ __forceinline__ uint32_t select_bits(uint32_t x, uint32_t y) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(x), "r"(y), "n"(Mask));
+  return r;
+}
+
+// Exchanges bit k of each bit's position with bit k of its word's index, between
+// words a (index bit k clear) and c (set): S = 2^k, Low the positions with bit k clear.
+template <int S, uint32_t Low>
+__device__ __forceinline__ void exchange_bits(uint32_t& a, uint32_t& c) {
+  const uint32_t a_new = select_bits<Low>(a, c << S);
+  c = select_bits<Low>(a >> S, c);
+  a = a_new;
+}
+
+// Bit b of value i's field sits at position 8 (i / 8) + b of word i % 8: position
+// (i4 i3 b2 b1 b0), word (i2 i1 i0). Three exchanges make it (i4 .. i0) of word
+// (b2 b1 b0): bit i of word b. 48 logic operations and shifts for the 8 x 32 bits.
+__device__ __forceinline__ void transpose_fields(uint32_t (&w)[8]) {
 #pragma unroll
-    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
-      if (b == 0) first = cur.index;
-      if (b == 1) second = cur.index;
-      const LaneCode c = coder.template code<decltype(full)::value>(cur.index, j + b);
-      if (c.valid) {
-        worst_p = max_nan(worst_p, c.abs_p);
-        worst_e = max_nan(worst_e, c.e);
-      }
-      uint32_t width = fast_bit_length(__reduce_or_sync(kFull, magnitude(c.d)));
-      if constexpr (Mode == kOutlier) {
-        const uint32_t k = (fast_bit_length(zigzag(__shfl_sync(kFull, c.q, 0))) + 7) / 8;
-        width |= k << 5;
-        sizes.y += k;
+  for (int m = 0; m < 4; ++m) exchange_bits<4, 0x0F0F0F0Fu>(w[m], w[m + 4]);
+#pragma unroll
+  for (int m : {0, 1, 4, 5}) exchange_bits<2, 0x33333333u>(w[m], w[m + 2]);
+#pragma unroll
+  for (int m = 0; m < 8; m += 2) exchange_bits<1, 0x55555555u>(w[m], w[m + 1]);
+}
+
+// The block whose 32 values lie at `at` in memory order (kRows1), read 16 bytes at a
+// time.
+template <uint8_t Code, uint8_t Mode>
+__device__ __forceinline__ LaneBlock code_rows1(uint32_t at, const PageQuant& pq,
+                                                float& worst_e) {
+  using C = CudaType<Code>;
+  constexpr int kPerChunk = 16 / sizeof(typename C::type);
+  LaneBlock b;
+  ResidualChain<Mode> chain;
+#pragma unroll
+  for (int c = 0; c < kBlockValues / kPerChunk; ++c) {
+    const uint4 v = load_shared_vec(at + 16 * c);
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int h = 0; h < kPerChunk / 2; ++h) {
+      const int i = c * kPerChunk + 2 * h;
+      float2 x;
+      if constexpr (kPerChunk == 8) {
+        x = C::word_pair(words[h], 0);
       } else {
-        // plane_row<4> built as the residuals come; used only if the widths allow.
-        row |= (magnitude(c.d) << 1 | c.d >> 31) << (8 * b);
+        x = C::word_pair(words[2 * h], words[2 * h + 1]);
       }
-      width_bytes |= width << (8 * b);
-    }
-    sizes.x += (group_block_words(width_bytes) * 0x01010101u) >> 24;
-    if (lane == 0) *reinterpret_cast<uint32_t*>(widths + j) = width_bytes;
-    // A group with no padding block passes keeps_planes' test of j.
-    const bool keep = decltype(full)::value ? Mode != kOutlier && (width_bytes & kWiderThan7) == 0
-                                            : keeps_planes<Mode>(width_bytes, j, coder.full_blocks);
-    if (width_bytes != 0 && keep) C::keep_word(first, second, transpose(row));
-  };
-  // Groups with no padding block are coded with no test of which values are real.
-  uint32_t full_end = full_groups_end(coder.full_blocks, run);
-  const bool last_group = full_end < run.y;
-  // Held, not worked out again on every group as ptxas otherwise does.
-  asm("" : "+r"(full_end));
-  uint32_t j = run.x;
-  for (; j < full_end; j += kGroupBlocks) code_group(j, std::true_type{});
-  if (last_group) code_group(j, std::false_type{});
-  // Whether any group kept its word, from the width words as stored (one group a lane):
-  // a flag carried through the loops would take a register there.
-  bool kept = false;
-  if constexpr (Mode != kOutlier) {
-    __syncwarp();
-    for (uint32_t k = run.x + kGroupBlocks * lane; k < run.y; k += kGroupBlocks * 32) {
-      const uint32_t wb = *reinterpret_cast<const uint32_t*>(widths + k);
-      kept |= wb != 0 && keeps_planes<Mode>(wb, k, coder.full_blocks);
+      const uint2 r = quantise_pair<Code>(x, pq, worst_e);
+      if (i == 0) {
+        b.r0 = r.x;
+        chain.start(r.x);
+      }
+      const uint32_t d0 = chain.next(r.x);
+      b.put(i, d0, i + 1, chain.next(r.y));
     }
   }
-  const bool bad = !(worst_p <= kMaxQuant) || !(worst_e <= coder.pq.eb);
-  const bool tie = worst_e == tie_limit(coder.pq.eb);
+  return b;
+}
+
+// The block whose values lie in two adjacent columns of 16 rows from `at`, `pitch`
+// bytes from row to row (kRows16): row k holds values k and k + 16. The two halves of
+// the stream are two residual chains; value 16, whose predecessor is value 15 (the
+// last row's first value), is put last.
+template <uint8_t Code, uint8_t Mode>
+__device__ __forceinline__ LaneBlock code_rows16(uint32_t at, uint32_t pitch,
+                                                 const PageQuant& pq, float& worst_e) {
+  using C = CudaType<Code>;
+  LaneBlock b;
+  ResidualChain<Mode> low, high;
+  uint32_t d0 = 0, r16 = 0;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    float2 x;
+    if constexpr (sizeof(typename C::type) == 2) {
+      x = C::word_pair(load_shared_word(at), 0);
+    } else {
+      x = C::word_pair(load_shared_word(at), load_shared_word(at + 4));
+    }
+    // The next row by one add, opaque: ptxas would otherwise hold the 16 row offsets
+    // in registers across the block loop (sm_100 spills them).
+    at += pitch;
+    asm("" : "+r"(at));
+    const uint2 r = quantise_pair<Code>(x, pq, worst_e);
+    if (k == 0) {
+      b.r0 = r.x;
+      low.start(r.x);
+      d0 = low.next(r.x);
+      r16 = r.y;
+      if constexpr (Mode != kFixed) high.prev = r.y;
+    } else {
+      const uint32_t d = low.next(r.x);
+      b.put(k, d, k + 16, high.next(r.y));
+    }
+  }
+  b.put(0, d0, 16, r16 - low.prev);
+  return b;
+}
+
+// Block j in any stream order, one value at a time, with the padding tests (kAnyRows,
+// and the page's last block when it holds padding).
+template <uint8_t Code, uint8_t Mode>
+__device__ __forceinline__ LaneBlock code_any_rows(const PageGeometry& g, uint32_t j, uint32_t n,
+                                                   const PageQuant& pq, float& worst_e) {
+  using C = CudaType<Code>;
+  StreamCursor cur =
+      in_shared_addresses(stream_cursor(g, j * kBlockValues, 1), sizeof(typename C::type));
+  const uint32_t valid = n - j * kBlockValues;
+  LaneBlock b;
+  ResidualChain<Mode> chain;
+  uint32_t d[2];
+#pragma unroll
+  for (int i = 0; i < kBlockValues; ++i, cur.advance()) {
+    const bool real = static_cast<uint32_t>(i) < valid;
+    const uint32_t r =
+        quantise_one<Code>(real ? C::load_staged(cur.index) : 0.0f, real, pq, worst_e);
+    if (i == 0) {
+      b.r0 = r;
+      chain.start(r);
+    }
+    d[i % 2] = real ? chain.next(r) : 0u;
+    if (i % 2 == 1) b.put(i - 1, d[0], i, d[1]);
+  }
+  return b;
+}
+
+// The per-page constants of the per-lane block coding: where block j's values start
+// in the staged page (kRows1, kRows16), the row pitch in bytes (kRows16), and the
+// blocks coded the fast way: every block that holds no padding.
+struct LaneBlocks {
+  uint32_t page;         // staged page's shared address
+  uint32_t pitch;        // bytes from row to row
+  uint32_t full_blocks;  // blocks before this one hold no padding
+  uint32_t num_blocks;
+  uint32_t n;
+};
+
+template <uint8_t Code>
+__device__ __forceinline__ LaneBlocks lane_blocks(const PageGeometry& g, uint32_t n,
+                                                  uint32_t num_blocks) {
+  const uint32_t bytes = sizeof(typename CudaType<Code>::type);
+  return LaneBlocks{staged_page_address(), g.pitch * bytes,
+                    n % kBlockValues == 0 ? num_blocks : num_blocks - 1, num_blocks, n};
+}
+
+// Shared address of block j's first value (kRows1, kRows16).
+template <uint8_t Code, LaneLayout Layout>
+__device__ __forceinline__ uint32_t lane_block_at(const LaneBlocks& lb, uint32_t j) {
+  const uint32_t bytes = sizeof(typename CudaType<Code>::type);
+  return lb.page + j * (Layout == LaneLayout::kRows1 ? kBlockValues : 2) * bytes;
+}
+
+template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
+__device__ __forceinline__ LaneBlock code_lane_block(const LaneBlocks& lb, const PageGeometry& g,
+                                                     uint32_t j, const PageQuant& pq,
+                                                     float& worst_e) {
+  if (Layout != LaneLayout::kAnyRows && j < lb.full_blocks) {
+    const uint32_t at = lane_block_at<Code, Layout>(lb, j);
+    return Layout == LaneLayout::kRows1 ? code_rows1<Code, Mode>(at, pq, worst_e)
+                                        : code_rows16<Code, Mode>(at, lb.pitch, pq, worst_e);
+  }
+  return code_any_rows<Code, Mode>(g, j, lb.n, pq, worst_e);
+}
+
+// Whether pass 1 keeps block j's plane words (and outlier) in the staged page for
+// pass 2, in place of the block's own values: a block coded the fast way, with a
+// width of at most 7 and something to write. Only the lane coding a block reads or
+// writes its values, so no one can read a kept word as a value.
+template <LaneLayout Layout>
+__device__ __forceinline__ bool keeps_words(const LaneBlocks& lb, uint32_t j,
+                                            uint32_t width_byte) {
+  return Layout != LaneLayout::kAnyRows && j < lb.full_blocks && (width_byte & 0x18u) == 0 &&
+         width_byte != 0;
+}
+
+// The kept words' slots: word t at byte 4 t of the block (kRows1) or in row t
+// (kRows16); the outlier (outlier mode) in slot 8. Both layouts have at least 16 slots
+// a block. A row's slot is the previous one's plus the pitch, opaque, as in
+// code_rows16: ptxas would otherwise keep eight row offsets across the block loop.
+template <LaneLayout Layout>
+__device__ __forceinline__ uint32_t next_slot(const LaneBlocks& lb, uint32_t slot) {
+  if constexpr (Layout == LaneLayout::kRows1) return slot + 4;
+  slot += lb.pitch;
+  asm("" : "+r"(slot));
+  return slot;
+}
+
+template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
+__device__ __forceinline__ void keep_words(const LaneBlocks& lb, uint32_t j,
+                                           const uint32_t (&w)[8], uint32_t outlier) {
+  const uint32_t at = lane_block_at<Code, Layout>(lb, j);
+  uint32_t slot = at;
+  if constexpr (Layout == LaneLayout::kRows1) {
+    store_shared_vec(at, make_uint4(w[0], w[1], w[2], w[3]));
+    store_shared_vec(at + 16, make_uint4(w[4], w[5], w[6], w[7]));
+    slot = at + 32;
+  } else {
+#pragma unroll
+    for (int t = 0; t < 8; ++t, slot = next_slot<Layout>(lb, slot)) store_shared_word(slot, w[t]);
+  }
+  if constexpr (Mode == kOutlier) store_shared_word(slot, outlier);
+}
+
+template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
+__device__ __forceinline__ uint32_t kept_words(const LaneBlocks& lb, uint32_t j,
+                                               uint32_t (&w)[8]) {
+  const uint32_t at = lane_block_at<Code, Layout>(lb, j);
+  uint32_t slot = at;
+  if constexpr (Layout == LaneLayout::kRows1) {
+    const uint4 lo = load_shared_vec(at), hi = load_shared_vec(at + 16);
+    w[0] = lo.x, w[1] = lo.y, w[2] = lo.z, w[3] = lo.w;
+    w[4] = hi.x, w[5] = hi.y, w[6] = hi.z, w[7] = hi.w;
+    slot = at + 32;
+  } else {
+#pragma unroll
+    for (int t = 0; t < 8; ++t, slot = next_slot<Layout>(lb, slot)) w[t] = load_shared_word(slot);
+  }
+  return Mode == kOutlier ? load_shared_word(slot) : 0u;
+}
+
+// A block's outlier (zigzag of q_0) and its byte count K (outlier mode).
+__device__ __forceinline__ uint32_t block_outlier(uint32_t r0) {
+  return zigzag(static_cast<int32_t>(r0 - kRoundShiftBits));
+}
+
+__device__ __forceinline__ uint32_t outlier_bytes(uint32_t z) {
+  return (fast_bit_length(z) + 7) / 8;
+}
+
+// Stores the k (at most 3) low bytes of outlier z from shared address `at` on.
+__device__ __forceinline__ void store_outlier(uint32_t at, uint32_t z, uint32_t k) {
+#pragma unroll
+  for (uint32_t i = 0; i < 3; ++i) {
+    if (i < k) store_shared_byte(at + i, z >> (8 * i));
+  }
+}
+
+// Pass 1 over a warp's run: each block's width byte, and the run's plane words (x)
+// and outlier bytes (y); the plane words of each block that keeps_words, in the
+// staged page. The run's blocks past num_blocks (at most three) get width 0.
+template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
+__device__ __forceinline__ uint2 size_lane_blocks(const LaneBlocks& lb, const PageGeometry& g,
+                                                  const PageQuant& pq, uint2 run,
+                                                  uint8_t* widths, uint32_t* check) {
+  float worst_e = 0.0f;
+  uint2 sizes = make_uint2(0, 0);
+  bool kept = false;
+  for (uint32_t j = run.x + (threadIdx.x & 31); j < run.y; j += 32) {
+    uint32_t width_byte = 0;
+    if (j < lb.num_blocks) {
+      LaneBlock b = code_lane_block<Code, Mode, Layout>(lb, g, j, pq, worst_e);
+      const uint32_t f = fast_bit_length(b.mag), z = block_outlier(b.r0);
+      const uint32_t k = Mode == kOutlier ? outlier_bytes(z) : 0u;
+      width_byte = f | k << 5;
+      sizes.x += f == 0 ? 0u : f + 1;
+      sizes.y += k;
+      if (keeps_words<Layout>(lb, j, width_byte)) {
+        transpose_fields(b.w);
+        keep_words<Code, Mode, Layout>(lb, j, b.w, z);
+        kept = true;
+      }
+    }
+    widths[j] = static_cast<uint8_t>(width_byte);
+  }
+  sizes.x = __reduce_add_sync(kFull, sizes.x);
+  sizes.y = __reduce_add_sync(kFull, sizes.y);
+  const bool bad = !(worst_e <= pq.eb);
+  const bool tie = worst_e == tie_limit(pq.eb);
   *check = (bad ? kCheckBad : 0u) | (tie ? kCheckTie : 0u) | (kept ? kCheckKept : 0u);
   return sizes;
 }
 
-// Pass 2 over a warp's run: its outlier bytes into `stage` and its plane words into
-// `planes`, from the run's offsets `at` in each. A group whose widths are all at most
-// 7 (nearly all at the usual bounds) costs one transpose, not four, and none at all
-// here when pass 1 kept its word.
-template <uint8_t Code, uint8_t Mode, bool Wraps>
-__device__ __forceinline__ void write_blocks(const BlockCoder<Code, Mode>& coder,
-                                             const PageGeometry& g, uint2 run,
-                                             const uint8_t* widths, uint2 at, uint32_t* planes,
-                                             uint8_t* stage) {
-  using C = CudaType<Code>;
+// Pass 2's path for a block wider than 7, whose fields do not fit the lane's bytes:
+// the warp codes it together, lane i value i, with one warp transpose, from the
+// values pass 1 left in place. `at` and `words` are its plane words, `out_at` and
+// `k` its outlier bytes.
+template <uint8_t Code, uint8_t Mode>
+__device__ __forceinline__ void write_wide_block(const BlockCoder<Code, Mode>& coder,
+                                                 const PageGeometry& g, uint32_t j, uint32_t at,
+                                                 uint32_t words, uint32_t out_at, uint32_t k,
+                                                 uint32_t* planes, uint32_t stage_at) {
   const int lane = threadIdx.x & 31;
-  const BitTranspose transpose = bit_transpose();
-  StreamCursor cur = in_shared_addresses(
-      stream_cursor(g, run.x * kBlockValues + lane, kBlockValues), sizeof(typename C::type));
-  const auto write_group = [&](uint32_t j, auto full) {
-    const uint32_t width_bytes = *reinterpret_cast<const uint32_t*>(widths + j);
-    if (width_bytes == 0) {
-      cur.advance_group<Wraps>();
-      return;
-    }
-    const uint32_t words = group_block_words(width_bytes);
-    // As in size_blocks: a group with no padding block passes keeps_planes' test of j.
-    const bool kept = decltype(full)::value
-                          ? Mode != kOutlier && (width_bytes & kWiderThan7) == 0
-                          : keeps_planes<Mode>(width_bytes, j, coder.full_blocks);
-    if (kept) {
-      const uint32_t first = cur.index;
-      cur.advance<Wraps>();
-      store_plane_word<4, true>(planes, at.x, words, C::kept_word(first, cur.index));
+  const StreamCursor cur = in_shared_addresses(stream_cursor(g, j * kBlockValues + lane, 1),
+                                               sizeof(typename CudaType<Code>::type));
+  const LaneCode c = coder.code(cur.index, j);
+  store_plane_word(planes, at, words, bit_transpose()(plane_row(c.d)));
+  if (Mode == kOutlier && lane == 0) store_outlier(stage_at + out_at, zigzag(c.q), k);
+}
+
+// Pass 2 over a warp's run: its plane words into `planes` and outlier bytes into
+// `stage`, from the run's offsets `at` in each; each round of 32 blocks finds its
+// blocks' offsets with one scan over the lanes. A lane stores its block's words, kept
+// by pass 1 or coded again (kAnyRows, a last block with padding); wider blocks are
+// coded by the whole warp.
+template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
+__device__ __forceinline__ void write_lane_blocks(const LaneBlocks& lb,
+                                                  const BlockCoder<Code, Mode>& coder,
+                                                  const PageGeometry& g, uint2 run,
+                                                  const uint8_t* widths, uint2 at,
+                                                  uint32_t* planes, uint8_t* stage) {
+  const uint32_t lane = threadIdx.x & 31;
+  // Shared addresses, held, not built again from the shared window's base every round.
+  uint32_t widths_at = static_cast<uint32_t>(__cvta_generic_to_shared(widths));
+  uint32_t stage_at = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+  asm("" : "+r"(widths_at), "+r"(stage_at));
+  for (uint32_t j0 = run.x; j0 < run.y; j0 += 32) {
+    const uint32_t j = j0 + lane;
+    const uint32_t width_byte = j < run.y ? load_shared_byte(widths_at + j) : 0u;
+    const uint32_t f = width_byte & 0x1Fu, k = width_byte >> 5;
+    const uint32_t words = f == 0 ? 0u : f + 1;
+    // Word counts (at most 25 a block) below bit 16, outlier bytes above.
+    const uint32_t own = words | k << 16, upto = lane_prefix_sum(own);
+    const uint32_t word_at = at.x + ((upto - own) & 0xFFFFu);
+    const uint32_t out_at = at.y + ((upto - own) >> 16);
+    const uint32_t total = __shfl_sync(kFull, upto, 31);
+    at.x += total & 0xFFFFu;
+    at.y += total >> 16;
+    if (width_byte != 0 && f <= 7) {
+      uint32_t w[8], z;
+      if (keeps_words<Layout>(lb, j, width_byte)) {
+        z = kept_words<Code, Mode, Layout>(lb, j, w);
+      } else {
+        float unused = 0.0f;
+        LaneBlock b = code_any_rows<Code, Mode>(g, j, lb.n, coder.pq, unused);
+        transpose_fields(b.w);
 #pragma unroll
-      for (int b = 1; b < kGroupBlocks; ++b) cur.advance<Wraps>();
-      at.x += (words * 0x01010101u) >> 24;
-      return;
-    }
-    uint32_t d[kGroupBlocks];
-#pragma unroll
-    for (int b = 0; b < kGroupBlocks; ++b, cur.advance<Wraps>()) {
-      const LaneCode c = coder.template code<decltype(full)::value>(cur.index, j + b);
-      d[b] = c.d;
-      if constexpr (Mode == kOutlier) {
-        const int k = (width_bytes >> (8 * b + 5)) & 3;
-        if (lane == 0) {
-          const uint32_t z = zigzag(c.q);
-          for (int i = 0; i < k; ++i) stage[at.y + i] = static_cast<uint8_t>(z >> (8 * i));
-        }
-        at.y += k;
+        for (int t = 0; t < 8; ++t) w[t] = b.w[t];
+        z = block_outlier(b.r0);
       }
-    }
-    if ((width_bytes & kWiderThan7) == 0) {
-      write_planes<4>(planes, at.x, words, d, transpose);
-    } else {
-      uint32_t pair_at = at.x;
+      uint32_t* const out = planes + word_at;
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {
-        const uint32_t pair_words = (words >> (16 * p)) & 0xFFFFu;
-        const uint32_t pair_d[2] = {d[2 * p], d[2 * p + 1]};
-        if (((width_bytes >> (16 * p)) & kWiderThan15 & 0xFFFFu) == 0) {
-          write_planes<2>(planes, pair_at, pair_words, pair_d, transpose);
-        } else {
-          write_planes<1>(planes, pair_at, pair_words & 0xFFu, {pair_d[0]}, transpose);
-          write_planes<1>(planes, pair_at + (pair_words & 0xFFu), pair_words >> 8, {pair_d[1]},
-                          transpose);
-        }
-        pair_at += (pair_words & 0xFFu) + (pair_words >> 8);
+      for (int t = 0; t < 8; ++t) {
+        if (static_cast<uint32_t>(t) < words) out[t] = w[t];
       }
+      if constexpr (Mode == kOutlier) store_outlier(stage_at + out_at, z, k);
     }
-    at.x += (words * 0x01010101u) >> 24;
-  };
-  if constexpr (Mode == kOutlier) {
-    // One loop with the padding tests: split like the other modes, this mode (which
-    // keeps no plane words) spills on sm_80.
-    for (uint32_t j = run.x; j < run.y; j += kGroupBlocks) write_group(j, std::false_type{});
-  } else {
-    const uint32_t full_end = full_groups_end(coder.full_blocks, run);
-    const bool last_group = full_end < run.y;
-    uint32_t j = run.x;
-    for (; j < full_end; j += kGroupBlocks) write_group(j, std::true_type{});
-    if (last_group) write_group(j, std::false_type{});
+    for (uint32_t wide = __ballot_sync(kFull, f > 7); wide != 0; wide &= wide - 1) {
+      const int b = __ffs(wide) - 1;
+      write_wide_block<Code, Mode>(coder, g, j0 + b, __shfl_sync(kFull, word_at, b),
+                                   __shfl_sync(kFull, words, b), __shfl_sync(kFull, out_at, b),
+                                   __shfl_sync(kFull, k, b), planes, stage_at);
+    }
   }
 }
 
@@ -1008,7 +1279,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   using T = typename C::type;
   __shared__ uint32_t scratch[kWarps];
   __shared__ uint2 warp_sizes[kWarps];  // plane words and outlier bytes of each warp's blocks
-  __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_blocks)
+  __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_lane_blocks)
   __shared__ uint32_t page_index;
   __shared__ PageQuant pq_s;
   __shared__ uint64_t offset_s;
@@ -1100,19 +1371,26 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   nonfinite = __syncthreads_or(nonfinite);
   if (threadIdx.x == 0) pq_s = choose_quant(Code, a.relative, a.eb, mx, mn, nonfinite);
   __syncthreads();
-  const PageQuant pq = pq_s;
-
-  // Pass 1: widths, section sizes and the bound check of every value.
-  const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(pq, a.n, B, lane);
+  // Pass 1: widths, section sizes and the bound check of every value. The page's
+  // quantisation is read again from shared memory after it: held in registers across
+  // the block loops, its raw reason is spilled.
+  const PageQuant quant = pq_s;
   const uint2 run = warp_blocks(B, warp);
+  const LaneBlocks lb = lane_blocks<Code>(g, a.n, B);
+  const LaneLayout layout = lane_layout(g, sizeof(T));
   uint32_t check = 0;
   uint2 sizes = make_uint2(0, 0);
-  // rows 1 and 16, the integration's choices, divide 32: a lane's row then stays put
-  // from block to block and the cursor moves by one add.
-  const bool wraps = kBlockValues % g.rows.d != 0;
-  if (pq.raw_reason == 0) {
-    sizes = wraps ? size_blocks<Code, Mode, true>(coder, g, run, widths, &check)
-                  : size_blocks<Code, Mode, false>(coder, g, run, widths, &check);
+  // A page with some |p| above 2^22 is RAW whatever its values give: no pass 1.
+  if (quant.raw_reason == 0 && !quant_in_range(mx, mn, quant)) {
+    check = kCheckBad;
+  } else if (quant.raw_reason == 0) {
+    if (layout == LaneLayout::kRows1) {
+      sizes = size_lane_blocks<Code, Mode, LaneLayout::kRows1>(lb, g, quant, run, widths, &check);
+    } else if (layout == LaneLayout::kRows16) {
+      sizes = size_lane_blocks<Code, Mode, LaneLayout::kRows16>(lb, g, quant, run, widths, &check);
+    } else {
+      sizes = size_lane_blocks<Code, Mode, LaneLayout::kAnyRows>(lb, g, quant, run, widths, &check);
+    }
   }
   check = __reduce_or_sync(kFull, check);
   if (lane == 0) {
@@ -1134,6 +1412,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     totals.y += v.y;
     check |= warp_check[w];
   }
+  const PageQuant pq = pq_s;
   // A certainly bad value sends the page RAW at once; only ties (the same in every
   // thread) need the whole page checked again in binary64.
   const bool bad = (check & kCheckBad) != 0 ||
@@ -1197,10 +1476,16 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     for (uint32_t i = totals.y + threadIdx.x; i < outlier_bytes; i += kThreads) stage[i] = 0;
     const uint32_t plane_word0 = (width_bytes + outlier_bytes) / 4;
     uint32_t* planes = reinterpret_cast<uint32_t*>(payload) + plane_word0;
-    if (wraps) {
-      write_blocks<Code, Mode, true>(coder, g, run, widths, base, planes, stage);
+    const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(pq, a.n, B, lane);
+    if (layout == LaneLayout::kRows1) {
+      write_lane_blocks<Code, Mode, LaneLayout::kRows1>(lb, coder, g, run, widths, base, planes,
+                                                        stage);
+    } else if (layout == LaneLayout::kRows16) {
+      write_lane_blocks<Code, Mode, LaneLayout::kRows16>(lb, coder, g, run, widths, base, planes,
+                                                         stage);
     } else {
-      write_blocks<Code, Mode, false>(coder, g, run, widths, base, planes, stage);
+      write_lane_blocks<Code, Mode, LaneLayout::kAnyRows>(lb, coder, g, run, widths, base, planes,
+                                                          stage);
     }
     __syncthreads();
     // The widths and outlier sections are hashed as they are copied out of shared
@@ -1208,9 +1493,8 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // above makes them visible): hashing them in the block loop would cost the warp
     // a whole hash per block with only the f + 1 lanes holding a word busy, where
     // this pass hashes 32 words with the same instructions. The record's place and
-    // sizes come from shared memory again: held in registers across write_blocks
-    // they would crowd its loop, whose transpose constants ptxas would then rebuild
-    // on every group.
+    // sizes come from shared memory again: held in registers across write_lane_blocks
+    // they would crowd its loop.
     uint8_t* payload_at = a.out + offset_s + kHeaderBytes;
     const uint32_t outlier_section = round_up(outlier_total_s, 4);
     sum = copy_checksum_words(payload_at, widths, width_bytes, kHeaderChecksumWords);
@@ -1359,7 +1643,7 @@ __device__ __forceinline__ uint32_t next_group_at(const GroupFetch& g) {
 }
 
 // Residual of field b of a transposed word whose fields are `Field` bits: the sign in
-// the lowest bit, the magnitude above (write_planes). Unsigned arithmetic: a forged
+// the lowest bit, the magnitude above (as compression's plane_row). Unsigned arithmetic: a forged
 // stream with a valid checksum may overflow, never UB.
 template <int Field>
 __device__ __forceinline__ uint32_t field_residual(uint32_t x, int b) {
@@ -1385,20 +1669,6 @@ __device__ __forceinline__ void unpack_halves(uint32_t v, uint32_t& low, uint32_
   high = static_cast<uint32_t>(static_cast<int32_t>(v - low) >> 16);
 }
 
-// v plus the v of the lane `delta` below, in lanes that have one. The shuffle's own
-// in-range predicate guards the add: a step is the shuffle and one predicated add,
-// where testing the lane index took a select and an add after the shuffle.
-__device__ __forceinline__ uint32_t add_from_lane_below(uint32_t v, int delta) {
-  uint32_t sum;
-  asm("{\n\t.reg .b32 below;\n\t.reg .pred has_below;\n\t"
-      "shfl.sync.up.b32 below|has_below, %1, %2, 0, 0xffffffff;\n\t"
-      "mov.b32 %0, %1;\n\t"
-      "@has_below add.u32 %0, %0, below;\n\t}"
-      : "=r"(sum)
-      : "r"(v), "r"(delta));
-  return sum;
-}
-
 // Inclusive sums over the lanes of v, two at a time so that the two chains of
 // dependent shuffles interleave.
 __device__ __forceinline__ void lane_prefix_sums(uint32_t& v0, uint32_t& v1) {
@@ -1410,7 +1680,7 @@ __device__ __forceinline__ void lane_prefix_sums(uint32_t& v0, uint32_t& v1) {
 }
 
 // Residuals of G blocks of a group from one transpose (G = 2 or 1: the group has a
-// width above 7), loading the words in the layout write_planes wrote them from.
+// width above 7), loading each block's words (docs/format.md) into the lanes of its field.
 template <int G>
 __device__ __forceinline__ void load_transpose(const DecodeSource& s, uint32_t j,
                                                const GroupFetch& g, const BitTranspose& transpose,
@@ -1597,13 +1867,6 @@ __device__ __forceinline__ uint32_t blocks_before(uint32_t width_bytes, uint32_t
 __device__ __forceinline__ bool malformed_widths(uint32_t width_bytes, bool outlier_mode) {
   const uint32_t over = ((width_bytes & 0x1F1F1F1Fu) + 0x67676767u) | width_bytes;
   return (over & 0x80808080u) != 0 || (!outlier_mode && (width_bytes & 0x60606060u) != 0);
-}
-
-// Inclusive sums of v over the lanes.
-__device__ __forceinline__ uint32_t lane_prefix_sum(uint32_t v) {
-#pragma unroll
-  for (int delta = 1; delta < 32; delta <<= 1) v = add_from_lane_below(v, delta);
-  return v;
 }
 
 // Outlier mode: the warp replaces each block of its run by its decoded outlier in

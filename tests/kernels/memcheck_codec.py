@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.kernels.test_codec_cuda import FORGED_KINDS, forge, mixed_widths  # noqa: E402
+from tests.kernels.test_codec_cuda import (  # noqa: E402
+    FORGED_KINDS, constant_blocks, forge, mixed_widths)
 from vllm_kvcompress.codec import CodecConfig, CodecMode, CompressedPages, compress_pages, \
     decompress_pages
 
@@ -84,6 +85,22 @@ def main() -> None:
                                    CodecConfig(1.0, False, mode, rows))
                 dst = torch.empty(16, n, device="cuda")
                 decompress_pages(c, dst, torch.arange(16))
+    # Blocks coded one a lane: column pairs of 16 rows padded in shared memory or not
+    # (keeping plane words in a block's rows), 16-bit values with an odd row pitch
+    # (value by value), last blocks that are half a column pair, wide blocks among
+    # narrow ones (the warp's path), blocks of one value (outlier bytes only).
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for mode in CodecMode:
+            for n, rows in ((16 * 600, 16), (16 * 601, 16), (9616, 1)):
+                wide = mixed_widths(2, n, rows, torch.float32, 0.01, seed=n).clamp(-2.4, 2.4)
+                pages = torch.cat([constant_blocks(2, n, rows, dtype, 0.01, seed=n),
+                                   wide.to(dtype)])
+                pages = torch.cat([pages[:, :1], pages], 1)
+                for view in (pages[:, 1:].contiguous(), pages[:, 1:]):
+                    c = compress_pages(view.cuda(), torch.arange(4, device="cuda"),
+                                       CodecConfig(0.01, False, mode, rows))
+                    dst = torch.empty(4, n, dtype=dtype, device="cuda")
+                    decompress_pages(c, dst, torch.arange(4))
     # Several views in one launch, with ids past the last view and damaged records.
     views = [torch.randn(8, 2048, generator=g).cumsum(1).to(torch.bfloat16).cuda()
              for _ in range(3)]

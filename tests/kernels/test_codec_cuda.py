@@ -63,6 +63,25 @@ def mixed_widths(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: floa
     return pages.to(dtype)
 
 
+def constant_blocks(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: float,
+                    seed: int) -> torch.Tensor:
+    """Pages whose 32-value blocks, in stream order, each hold one value, a multiple
+    of `eb` up to the amplitudes of mixed_widths (a quarter of the blocks zero): in
+    outlier mode every block has width 0 and an outlier of 0 to 3 bytes, in plain
+    mode only its first residual is nonzero, in fixed mode all 32 are equal."""
+    g = torch.Generator().manual_seed(seed)
+    top = {torch.float32: 19, torch.float16: 9, torch.bfloat16: 6}[dtype]
+    blocks = -(-n // 32)
+    level = torch.randint(-2 ** top, 2 ** top + 1, (num_pages, blocks, 1), generator=g)
+    level[torch.rand(num_pages, blocks, 1, generator=g) < 0.25] = 0
+    stream = (level.double() * eb).expand(-1, -1, 32).reshape(num_pages, -1)[:, :n]
+    s = torch.arange(n)
+    memory_index = (s % rows) * (n // rows) + s // rows
+    pages = torch.empty(num_pages, n, dtype=torch.float64)
+    pages[:, memory_index] = stream
+    return pages.to(dtype)
+
+
 def both_devices(pages: torch.Tensor, ids: torch.Tensor,
                  config: CodecConfig) -> tuple[CompressedPages, CompressedPages]:
     cpu = compress_pages(pages, ids, config)
@@ -166,6 +185,41 @@ def test_groups_of_every_width_class_match_cpu(dtype, mode, n, rows):
     cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, rows))
     assert_same_stream(cpu, gpu)
     assert (cpu.table[:, 2] == 0).sum() >= 6  # mostly compressed, not raw
+    expected = torch.zeros_like(pages)
+    assert (decompress_pages(cpu, expected, torch.arange(12)) == DecodeStatus.OK).all()
+    dst = torch.zeros_like(pages).cuda()
+    assert (decompress_pages(gpu, dst, torch.arange(12, device="cuda")) == DecodeStatus.OK).all()
+    assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n,rows", [(9600, 1), (9616, 1), (16 * 600, 16), (16 * 601, 16),
+                                    (16 * 75, 16), (9600, 48)])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_lane_coded_blocks_match_cpu(dtype, mode, n, rows, aligned):
+    """Compression codes each block in one lane, 32 blocks a warp at a time, and
+    sends blocks wider than 7 to a path the whole warp codes: rounds of 32 that mix
+    narrow, wide and all-zero blocks, runs that end in a partial round (300 blocks:
+    runs of 36 and 40), a last block with padding (9616 values, and 16 x 601 or
+    16 x 75, whose last block is half a column pair), blocks of one value (outlier
+    mode: width 0 and outlier bytes only). Each way a lane finds its block: memory
+    order (rows 1), column pairs whose rows are padded in shared memory (aligned
+    rows 16 of 600 columns) or not (unaligned views; fp32 also with 601 columns), and
+    value by value (16-bit values with an odd row pitch, rows 48). Byte-identical
+    streams and bit-identical decodes against the CPU kernels. The fp32 pages of
+    mixed_widths, clipped to +-2.4, give every dtype blocks wider than 7 (bf16's own
+    mixed_widths pages have none)."""
+    wide = mixed_widths(2, n, rows, torch.float32, eb=0.01, seed=n).clamp(-2.4, 2.4)
+    pages = torch.cat([mixed_widths(6, n, rows, dtype, eb=0.01, seed=n + rows),
+                       constant_blocks(4, n, rows, dtype, eb=0.01, seed=n - rows),
+                       wide.to(dtype)])
+    if not aligned:
+        pages = torch.cat([pages[:, :1], pages], 1)[:, 1:]
+    ids = torch.randperm(12, generator=torch.Generator().manual_seed(n))
+    cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, rows))
+    assert_same_stream(cpu, gpu)
+    assert (cpu.table[:, 2] == 0).sum() >= 8
     expected = torch.zeros_like(pages)
     assert (decompress_pages(cpu, expected, torch.arange(12)) == DecodeStatus.OK).all()
     dst = torch.zeros_like(pages).cuda()
