@@ -5,7 +5,9 @@
 // order costs next to nothing, and each warp codes its blocks of 32 values four at
 // a time: lane i holds value i of each, a warp OR gives a block's width, and one warp
 // bit-matrix transpose gives the bit-plane words of all four blocks when their widths
-// are small (and, decoding, their residuals back). Compression finds
+// are small (and, decoding, their residuals back). Decompression of pages whose rows
+// is 1 or 16 instead gives each lane a block of its own where 32 consecutive blocks
+// are narrow, and transposes in registers (decode_chunks). Compression finds
 // each page's output offset with a single-pass decoupled look-back over the pages
 // before it, so the whole batch is one launch with no host round trip.
 // docs/codec-kernel-notes.md says where the instructions per value go.
@@ -1454,8 +1456,8 @@ __device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupF
   }
 }
 
-// The block loop of decompression, built per mode: each warp decodes its run of
-// groups of four blocks (warp_blocks), one transpose a group when the widths allow,
+// The warp path of decompression's block loop, built per mode: each warp decodes its
+// run of groups of four blocks, one transpose a group when the widths allow,
 // and fetches the next group's words before decoding this one, so that their L2
 // latency is spent on work (docs/codec-kernel-notes.md, "Third round" and "Fourth
 // round").
@@ -1543,8 +1545,9 @@ __device__ __forceinline__ void transpose_byte_columns(uint32_t (&x)[8]) {
 }
 
 // A byte u placed in the mantissa of 2^23 is the f32 2^23 + u, exactly; subtracting
-// 2^23 + 128 leaves d = u - 128, exactly: one byte permute and one add a value, where
-// extracting, sign-extending and converting the integer take three.
+// 2^23 + 128 leaves d = u - 128, exactly: one byte permute and one f32 add a value, as
+// many as a sign-extending permute and an integer conversion, but the add issues to
+// the FMA pipe while the transpose and the sign planes keep the integer pipe busy.
 constexpr uint32_t kMagicBits = 0x4B000000u;  // 2^23 as f32
 constexpr float kMagicOffset = 8388736.0f;    // 2^23 + 128
 
@@ -1605,6 +1608,11 @@ __device__ __forceinline__ void store_shared_word(uint32_t at, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(v) : "memory");
 }
 
+// decompress_kernel's destination page, published by the page's barrier. At file
+// scope so that DirectSink::after_groups reads it where it needs it instead of
+// holding it in registers across the warp path (held, it was spilled on sm_100).
+__shared__ uint8_t* dst_s;
+
 // Where decode_chunks puts a lane's block when rows is 1: straight into the
 // destination page (16-byte aligned), whose bytes for block j are the block's 32
 // values in order, with no staging and no copy-out.
@@ -1612,7 +1620,7 @@ template <uint8_t Code>
 struct DirectSink {
   using T = typename CudaType<Code>::type;
   static constexpr bool kHalves = false;
-  uint8_t* dst;
+  uint8_t* dst;  // dst_s
   __device__ __forceinline__ void store(uint32_t j, const float (&y)[kBlockValues]) const {
     uint4* out = reinterpret_cast<uint4*>(dst + static_cast<size_t>(j) * kBlockValues * sizeof(T));
     if constexpr (sizeof(T) == 2) {
@@ -1640,10 +1648,10 @@ struct DirectSink {
     const uint32_t stop = min(end * kBlockValues, n) * static_cast<uint32_t>(sizeof(T));
     const uint32_t vec_stop = begin + (stop - begin) / 16 * 16;
     for (uint32_t at = begin + 16 * lane; at < vec_stop; at += 16 * 32) {
-      *reinterpret_cast<uint4*>(dst + at) = *reinterpret_cast<const uint4*>(smem + at);
+      *reinterpret_cast<uint4*>(dst_s + at) = *reinterpret_cast<const uint4*>(smem + at);
     }
     for (uint32_t at = vec_stop + sizeof(T) * lane; at < stop; at += sizeof(T) * 32) {
-      *reinterpret_cast<T*>(dst + at) = *reinterpret_cast<const T*>(smem + at);
+      *reinterpret_cast<T*>(dst_s + at) = *reinterpret_cast<const T*>(smem + at);
     }
   }
 };
@@ -1685,35 +1693,48 @@ __device__ void decode_chunks(const DecodeSource& s, const PageGeometry& g, uint
                               float step, uint32_t n, const Sink& sink) {
   const int lane = threadIdx.x & 31;
   const uint32_t full_blocks = n / kBlockValues;
-  // Bit k: run of 32 number k left to the warp path; lane k holds its first word. A
-  // run has at most 16 of them (decompress_cuda bounds a page by 4088 blocks).
-  uint32_t deferred = 0, deferred_at = 0;
-  for (uint32_t j0 = run.x, k = 0; j0 < run.y; j0 += 32, ++k) {
-    const uint32_t end = min(j0 + 32, run.y), j = j0 + lane;
-    const uint32_t f = j < end ? s.widths[j] & 0x1Fu : 0u;
+  // Lane k holds, if the run's k-th 32 blocks are left to the warp path, their first
+  // block above bit kDeferredBlockShift and their first plane word below it (a page
+  // of at most 4088 blocks, decompress_cuda, has fewer than 2^17 words even with
+  // forged widths), kNotDeferred otherwise; a run has at most 16 of them. Nothing
+  // else stays live across the warp path: with a mask and the run held besides, its
+  // registers spilled or needed a stack frame on sm_80, sm_89 and sm_100.
+  constexpr uint32_t kNotDeferred = ~0u;
+  constexpr int kDeferredBlockShift = 17;
+  uint32_t deferred_at = kNotDeferred;
+  // Counts down the run's blocks from j0 on: a register ptxas keeps, where it would
+  // rebuild run.y from the launch geometry twice a run of 32 (about 25 instructions).
+  uint32_t left = run.y - run.x;
+  for (uint32_t j0 = run.x, k = 0; left > 0; j0 += 32, left -= min(left, 32u), ++k) {
+    const uint32_t j = j0 + lane, end = j0 + min(left, 32u);
+    const uint32_t f = static_cast<uint32_t>(lane) < left ? s.widths[j] & 0x1Fu : 0u;
     const uint32_t words = block_words(static_cast<int>(f));
     const uint32_t incl = lane_prefix_sum(words);
     const bool partial = end > full_blocks && full_blocks < s.num_blocks;
     if (!partial && !__any_sync(kFull, f > 7)) {
       uint32_t x[8];
       load_lane_planes(s.planes + at + incl - words, words, x);
-      const uint32_t outlier = Mode == kOutlier && j < end ? s.outl[j] : 0u;
+      const uint32_t outlier =
+          Mode == kOutlier && static_cast<uint32_t>(lane) < left ? s.outl[j] : 0u;
       offset_binary_planes(x);
       transpose_byte_columns(x);
       float y[kBlockValues];
       lane_values<Mode, Sink::kHalves>(x, outlier, step, y);
       if (j < s.num_blocks) sink.store(j, y);
-    } else {
-      deferred |= 1u << k;
-      if (static_cast<uint32_t>(lane) == k) deferred_at = at;
+    } else if (static_cast<uint32_t>(lane) == k) {
+      deferred_at = j0 << kDeferredBlockShift | at;
     }
     at += __shfl_sync(kFull, incl, 31);
   }
-  while (deferred != 0) {
+  for (uint32_t deferred; (deferred = __ballot_sync(kFull, deferred_at != kNotDeferred)) != 0;) {
     const int k = __ffs(deferred) - 1;
-    deferred &= deferred - 1;
-    const uint32_t j0 = run.x + 32 * k, end = min(j0 + 32, run.y);
-    decode_blocks<Code, Mode, false>(s, make_uint2(j0, end), __shfl_sync(kFull, deferred_at, k),
+    const uint32_t held = __shfl_sync(kFull, deferred_at, k);
+    if (lane == k) deferred_at = kNotDeferred;
+    // The run's end, run.y, is a multiple of 32 past j0 or the page's last group.
+    const uint32_t j0 = held >> kDeferredBlockShift;
+    const uint32_t end = min(j0 + 32, round_up(s.num_blocks, kGroupBlocks));
+    decode_blocks<Code, Mode, false>(s, make_uint2(j0, end),
+                                     held & ((1u << kDeferredBlockShift) - 1u),
                                      stream_cursor(g, j0 * kBlockValues + lane, kBlockValues),
                                      step, n);
     sink.after_groups(j0, end, n);
@@ -1726,10 +1747,13 @@ __device__ void decode_chunks(const DecodeSource& s, const PageGeometry& g, uint
 // widths allow (rows 16, pitch a multiple of 4 bytes).
 enum class PageLayout : uint8_t { kStaged, kDirect, kRows16 };
 
-__device__ __forceinline__ PageLayout page_layout(uint32_t rows, uint32_t pitch_bytes,
+// From the page's geometry and destination as published in shared memory: the
+// kernel asks again after the block loop rather than hold the answer across it
+// (held, it was spilled on sm_80 and sm_89).
+__device__ __forceinline__ PageLayout page_layout(const PageGeometry& g, uint32_t elem_bytes,
                                                   const uint8_t* dst) {
-  if (rows == 1 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) return PageLayout::kDirect;
-  if (rows == 16 && pitch_bytes % 4 == 0) return PageLayout::kRows16;
+  if (g.rows.d == 1 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) return PageLayout::kDirect;
+  if (g.rows.d == 16 && g.pitch * elem_bytes % 4 == 0) return PageLayout::kRows16;
   return PageLayout::kStaged;
 }
 
@@ -1886,7 +1910,10 @@ __device__ void decode_outliers(const uint8_t* widths, const uint8_t* outliers, 
 // counts before it in its warp, the width bytes and the geometry. Each warp then
 // knows the first plane word and outlier byte of its own run of groups and walks
 // them: no per-block table of offsets, no block-wide scan. The same barrier ORs
-// the width checks.
+// the width checks and publishes the destination page, found once by thread 0 (its
+// 64-bit divisions are not every thread's). Pages whose rows is 1 and whose
+// destination is 16-byte aligned are stored by the block loop itself: no barrier
+// and no copy-out after it.
 template <uint8_t Code>
 __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs a) {
   using C = CudaType<Code>;
@@ -1894,7 +1921,6 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   __shared__ uint2 warp_totals[kWarps];         // checksum sum, counts
   __shared__ uint32_t counts_before[kThreads];  // counts of the warp's lanes below
   __shared__ PageGeometry geometry_s;
-  __shared__ uint8_t* dst_s;
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
   uint8_t* widths = smem + L.widths_at();
   uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
@@ -1908,6 +1934,9 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
     if (threadIdx.x == 0) a.status[idx] = status;
     return;
   }
+  // The destination page's 64-bit divisions by one thread, published by the barrier
+  // below; here, before the checksum pass, few registers are live across their call.
+  if (threadIdx.x == 0) dst_s = a.dst.page(a.dst_ids[idx]);
   const uint8_t* payload = a.buf + offset + kHeaderBytes;
   uint4 first;
   uint32_t sum = checksum_payload(reinterpret_cast<const uint32_t*>(payload), h.payload_len / 4,
@@ -1935,18 +1964,14 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   if (lane == 31) warp_totals[warp] = make_uint2(sum, counts_incl);
   // The 64-bit divisions of the geometry by one thread, before the barrier; rows
   // must be checked first (check_payload rejects the page otherwise).
-  if (threadIdx.x == 0) {
-    dst_s = a.dst.page(a.dst_ids[idx]);
-    if (h.rows != 0 && a.n % h.rows == 0) {
-      geometry_s = page_geometry(a.n, h.rows, sizeof(T), a.allow_padding);
-    }
+  if (threadIdx.x == 0 && h.rows != 0 && a.n % h.rows == 0) {
+    geometry_s = page_geometry(a.n, h.rows, sizeof(T), a.allow_padding);
   }
   // The page's one barrier before the block loop; it also ORs the width checks.
   const bool any_malformed = __syncthreads_or(malformed);
 
   // Garbage for a page whose rows is invalid, which check_payload rejects below.
-  const PageLayout layout =
-      page_layout(h.rows, geometry_s.pitch * static_cast<uint32_t>(sizeof(T)), dst_s);
+  const PageLayout layout = page_layout(geometry_s, sizeof(T), dst_s);
   // The warp's run and the thread that holds its first block's width byte.
   const uint2 run = layout == PageLayout::kStaged ? warp_blocks(B, warp) : warp_chunks(B, warp);
   const uint32_t holder = run.x / 16;
@@ -2002,14 +2027,14 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
       decode_page<Code, kOutlier>(source, geometry_s, layout, dst_s, run, run_at, h.step, a.n);
   }
   // Rows 1: the block loop stored every block in the destination itself.
-  if (layout == PageLayout::kDirect) {
+  if (page_layout(geometry_s, sizeof(T), dst_s) == PageLayout::kDirect) {
     if (threadIdx.x == 0) a.status[idx] = kOk;
     return;
   }
   __syncthreads();
   // The destination and the geometry read only now: held in registers across the
   // block loop they would be spilled.
-  uint8_t* dst = dst_s;
+  uint8_t* const dst = dst_s;
   const PageGeometry g = geometry_s;
   if (g.padded) {
     for (uint32_t k = threadIdx.x; k < a.n * sizeof(T) / 16; k += kThreads) {
