@@ -1489,7 +1489,6 @@ __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, 
   }
 }
 
-
 // One lane, one block: the block loop's path for runs of 32 blocks whose widths are
 // all at most 7 (decode_chunks). A warp's 32 lanes take 32 consecutive blocks, each
 // lane its own, so the bit transpose, the sign decoding and plain mode's prefix sum
@@ -1620,7 +1619,7 @@ template <uint8_t Code>
 struct DirectSink {
   using T = typename CudaType<Code>::type;
   static constexpr bool kHalves = false;
-  uint8_t* dst;  // dst_s
+  uint8_t* dst;  // dst_s, 16-byte aligned
   __device__ __forceinline__ void store(uint32_t j, const float (&y)[kBlockValues]) const {
     uint4* out = reinterpret_cast<uint4*>(dst + static_cast<size_t>(j) * kBlockValues * sizeof(T));
     if constexpr (sizeof(T) == 2) {

@@ -224,7 +224,8 @@ def test_lane_per_block_runs_match_cpu(dtype, mode, n, rows):
     expected = torch.zeros(6, n, dtype=dtype)
     assert (decompress_pages(cpu, expected, torch.arange(6)) == DecodeStatus.OK).all()
     for offset in (0, 1):
-        # Row stride n + 8: rows 16-byte aligned at offset 0 when n is a multiple of 8.
+        # Row stride n + 8 elements: at offset 0 every page is 16-byte aligned when that
+        # stride is a multiple of 16 bytes, otherwise only some are (16390 values).
         full = torch.full((6, n + 8), 3.0, dtype=dtype, device="cuda")
         dst = full[:, offset:offset + n]
         status = decompress_pages(gpu, dst, torch.arange(6, device="cuda"))
