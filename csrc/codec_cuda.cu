@@ -4,9 +4,11 @@
 // padded against bank conflicts, see PageGeometry), so the column-major stream
 // order costs next to nothing. Compression codes each block of 32 values in one
 // lane, on its own: quantisation, bound check, residuals and a bit transpose in
-// registers (size_lane_blocks). Decompression decodes a warp's blocks four at a time:
-// lane i holds value i of each, and one warp bit-matrix transpose gives back the
-// residuals of all four blocks when their widths are small. Compression finds each
+// registers (size_lane_blocks). Decompression of pages whose rows is 1 or 16 also
+// gives each lane a block of its own where 32 consecutive blocks are narrow, and
+// transposes in registers (decode_chunks); other blocks are decoded four at a time by
+// a warp: lane i holds value i of each, and one warp bit-matrix transpose gives back
+// the residuals of all four blocks when their widths are small. Compression finds each
 // page's output offset with a single-pass decoupled look-back over the pages before
 // it, so the whole batch is one launch with no host round trip.
 // docs/codec-kernel-notes.md says where the instructions per value go.
@@ -1745,8 +1747,8 @@ __device__ __forceinline__ void decode_group(const DecodeSource& s, const GroupF
   }
 }
 
-// The block loop of decompression, built per mode: each warp decodes its run of
-// groups of four blocks (warp_blocks), one transpose a group when the widths allow,
+// The warp path of decompression's block loop, built per mode: each warp decodes its
+// run of groups of four blocks, one transpose a group when the widths allow,
 // and fetches the next group's words before decoding this one, so that their L2
 // latency is spent on work (docs/codec-kernel-notes.md, "Third round" and "Fourth
 // round").
@@ -1778,13 +1780,297 @@ __device__ __forceinline__ void decode_blocks(const DecodeSource& s, uint2 run, 
   }
 }
 
+// One lane, one block: the block loop's path for runs of 32 blocks whose widths are
+// all at most 7 (decode_chunks). A warp's 32 lanes take 32 consecutive blocks, each
+// lane its own, so the bit transpose, the sign decoding and plain mode's prefix sum
+// are done in registers with no shuffle, and each instruction serves 32 blocks where
+// the warp path's (decode_group) serves at most four (docs/codec-kernel-notes.md,
+// "Seventh round").
+
+// The lane's plane words, sign word first, zero past its `words` (at most 8 for a
+// width of at most 7).
+__device__ __forceinline__ void load_lane_planes(const uint32_t* planes, uint32_t words,
+                                                 uint32_t (&x)[8]) {
+#pragma unroll
+  for (uint32_t p = 0; p < 8; ++p) x[p] = p < words ? planes[p] : 0u;
+}
+
+// Turns a block's sign word and seven magnitude words (x[0], x[1..7]) into the eight
+// bit planes of u_i = d_i + 128 (d_i's 8-bit two's complement with bit 7 flipped), in
+// place. A negative value's bits are those of ~(|d| - 1): the borrow of |d| - 1
+// ripples up the planes in the lanes whose sign is set. A sign over a zero magnitude
+// (forged, valid checksum) borrows out of the top and gives 0, as the CPU decoder's
+// 0 - 0. The offset makes every field non-negative, so that a byte becomes a float
+// with one byte permute (lane_values).
+__device__ __forceinline__ void offset_binary_planes(uint32_t (&x)[8]) {
+  const uint32_t sign = x[0];
+  uint32_t borrow = sign;
+#pragma unroll
+  for (int b = 0; b < 7; ++b) {
+    const uint32_t m = x[b + 1];
+    x[b] = m ^ borrow ^ sign;
+    borrow &= ~m;
+  }
+  x[7] = ~(borrow ^ sign);
+}
+
+// Transposes the 8 x 8 bit matrix in each byte column of x[0..7]: on return bit b
+// of byte c of x[r] is what bit r of byte c of x[b] was. Three butterfly rounds,
+// each swapping the off-diagonal k x k blocks of every byte at once (two shifts and
+// two bit selects a pair of words, 48 instructions for the 32 values). From planes
+// (x[p] bit i = bit p of u_i) this leaves byte c of x[r] holding u_(8c + r).
+__device__ __forceinline__ void transpose_byte_columns(uint32_t (&x)[8]) {
+  constexpr uint32_t kKeep[3] = {0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
+#pragma unroll
+  for (int round = 0; round < 3; ++round) {
+    const int k = 4 >> round;
+#pragma unroll
+    for (int p = 0; p < 8; ++p) {
+      if (p & k) continue;
+      const uint32_t a = x[p], b = x[p + k];
+      x[p] = (a & kKeep[round]) | ((b << k) & ~kKeep[round]);
+      x[p + k] = ((a >> k) & kKeep[round]) | (b & ~kKeep[round]);
+    }
+  }
+}
+
+// A byte u placed in the mantissa of 2^23 is the f32 2^23 + u, exactly; subtracting
+// 2^23 + 128 leaves d = u - 128, exactly: one byte permute and one f32 add a value, as
+// many as a sign-extending permute and an integer conversion, but the add issues to
+// the FMA pipe while the transpose and the sign planes keep the integer pipe busy.
+constexpr uint32_t kMagicBits = 0x4B000000u;  // 2^23 as f32
+constexpr float kMagicOffset = 8388736.0f;    // 2^23 + 128
+
+// The lane's 32 decoded values, y_i = f32(q_i) * step, from the transposed bytes u
+// (byte c of u[r] is value 8c + r). Every q_i of a block of widths at most 7 is an
+// integer below 2^24 in magnitude (an outlier below 2^23 plus 31 residuals of at
+// most 127), so the running sums in f32 are exact and equal the CPU decoder's
+// integers, for forged streams too. Values come out in pairs, (2k, 2k + 1) or, with
+// Halves, (k, k + 16): then values 16..31 are summed in a chain of their own,
+// started from the sum of bytes 0..15 (a byte dot product a word), so that neither
+// half waits in registers for the other and the two chains overlap.
+template <uint8_t Mode, bool Halves>
+__device__ __forceinline__ void lane_values(uint32_t (&u)[8], uint32_t outlier, float step,
+                                            float (&y)[kBlockValues]) {
+  // Outlier mode: the first residual is not part of the value, the outlier is.
+  if constexpr (Mode == kOutlier) u[0] = (u[0] & ~0xFFu) | 0x80u;
+  const float start = Mode == kOutlier ? static_cast<float>(static_cast<int32_t>(outlier)) : 0.0f;
+  float sum[2] = {start, start};
+  if constexpr (Halves && Mode != kFixed) {
+    uint32_t low = 0;
+#pragma unroll
+    for (int r = 0; r < 8; ++r) low = __dp4a(u[r], 0x0101u, low);
+    // d_0 + ... + d_15 = low - 16 * 128, made exact like a residual.
+    sum[1] = __fadd_rn(start, __fsub_rn(__uint_as_float(kMagicBits | low), 8390656.0f));
+  }
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = Halves ? 16 * h + k : 2 * k + h, chain = Halves ? h : 0;
+      const float d = __fsub_rn(
+          __uint_as_float(__byte_perm(u[i % 8], kMagicBits, 0x7440 | (i / 8))), kMagicOffset);
+      if constexpr (Mode == kFixed) {
+        sum[chain] = d;
+      } else if (Mode == kPlain && i == 0) {
+        sum[0] = d;
+      } else {
+        sum[chain] = __fadd_rn(sum[chain], d);
+      }
+      y[i] = mul_rn(sum[chain], step);
+    }
+  }
+}
+
+// Two values as one word of a 16-bit type, the first in the low half.
+template <uint8_t Code>
+__device__ __forceinline__ uint32_t packed_pair(float lo, float hi) {
+  if constexpr (Code == kBf16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// decompress_kernel's destination page, published by the page's barrier. At file
+// scope so that DirectSink::after_groups reads it where it needs it instead of
+// holding it in registers across the warp path (held, it was spilled on sm_100).
+__shared__ uint8_t* dst_s;
+
+// Where decode_chunks puts a lane's block when rows is 1: straight into the
+// destination page (16-byte aligned), whose bytes for block j are the block's 32
+// values in order, with no staging and no copy-out.
+template <uint8_t Code>
+struct DirectSink {
+  using T = typename CudaType<Code>::type;
+  static constexpr bool kHalves = false;
+  uint8_t* dst;  // dst_s, 16-byte aligned
+  __device__ __forceinline__ void store(uint32_t j, const float (&y)[kBlockValues]) const {
+    uint4* out = reinterpret_cast<uint4*>(dst + static_cast<size_t>(j) * kBlockValues * sizeof(T));
+    if constexpr (sizeof(T) == 2) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        out[k] = make_uint4(packed_pair<Code>(y[8 * k], y[8 * k + 1]),
+                            packed_pair<Code>(y[8 * k + 2], y[8 * k + 3]),
+                            packed_pair<Code>(y[8 * k + 4], y[8 * k + 5]),
+                            packed_pair<Code>(y[8 * k + 6], y[8 * k + 7]));
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        out[k] = make_uint4(__float_as_uint(y[4 * k]), __float_as_uint(y[4 * k + 1]),
+                            __float_as_uint(y[4 * k + 2]), __float_as_uint(y[4 * k + 3]));
+      }
+    }
+  }
+  // Blocks [j0, end) went through the warp path, which stages them (memory order):
+  // the warp copies their values out itself.
+  __device__ __forceinline__ void after_groups(uint32_t j0, uint32_t end, uint32_t n) const {
+    __syncwarp();
+    const uint32_t lane = threadIdx.x & 31;
+    const uint32_t begin = j0 * kBlockValues * sizeof(T);
+    const uint32_t stop = min(end * kBlockValues, n) * static_cast<uint32_t>(sizeof(T));
+    const uint32_t vec_stop = begin + (stop - begin) / 16 * 16;
+    for (uint32_t at = begin + 16 * lane; at < vec_stop; at += 16 * 32) {
+      *reinterpret_cast<uint4*>(dst_s + at) = *reinterpret_cast<const uint4*>(smem + at);
+    }
+    for (uint32_t at = vec_stop + sizeof(T) * lane; at < stop; at += sizeof(T) * 32) {
+      *reinterpret_cast<T*>(dst_s + at) = *reinterpret_cast<const T*>(smem + at);
+    }
+  }
+};
+
+// Where decode_chunks puts a lane's block when rows is 16: value i of block j is at
+// row i mod 16, column 2j + i / 16 of the staged page, so values i and i + 16 are
+// neighbours: one 4-byte store for the pair of a 16-bit type (the pitch is even),
+// and consecutive lanes write consecutive words, free of bank conflicts.
+template <uint8_t Code>
+struct Rows16Sink {
+  using T = typename CudaType<Code>::type;
+  static constexpr bool kHalves = true;
+  uint32_t base;         // shared address of the staged page
+  uint32_t pitch_bytes;  // a multiple of 4
+  __device__ __forceinline__ void store(uint32_t j, const float (&y)[kBlockValues]) const {
+    uint32_t at = base + j * 2 * static_cast<uint32_t>(sizeof(T));
+#pragma unroll
+    for (int i = 0; i < 16; ++i, at += pitch_bytes) {
+      if constexpr (sizeof(T) == 2) {
+        store_shared_word(at, packed_pair<Code>(y[i], y[i + 16]));
+      } else {
+        store_shared_word(at, __float_as_uint(y[i]));
+        store_shared_word(at + 4, __float_as_uint(y[i + 16]));
+      }
+    }
+  }
+  __device__ __forceinline__ void after_groups(uint32_t, uint32_t, uint32_t) const {}
+};
+
+// The block loop of a page whose rows is 1 or 16: the warp takes its run 32 blocks
+// at a time, lane i block j0 + i. A warp scan of the blocks' plane words gives each
+// lane its first word. If every width of the 32 is at most 7 and none of the blocks
+// is the page's partial last one, each lane decodes its block alone (load_lane_planes
+// to lane_values) and the sink stores it. Other runs of 32 are left to a second loop
+// that decodes them a group of four at a time (decode_blocks), which handles any
+// width and the last block: kept apart, the two loops' registers do not add up.
+template <uint8_t Code, uint8_t Mode, typename Sink>
+__device__ void decode_chunks(const DecodeSource& s, const PageGeometry& g, uint2 run, uint32_t at,
+                              float step, uint32_t n, const Sink& sink) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t full_blocks = n / kBlockValues;
+  // Lane k holds, if the run's k-th 32 blocks are left to the warp path, their first
+  // block above bit kDeferredBlockShift and their first plane word below it (a page
+  // of at most 4088 blocks, decompress_cuda, has fewer than 2^17 words even with
+  // forged widths), kNotDeferred otherwise; a run has at most 16 of them. Nothing
+  // else stays live across the warp path: with a mask and the run held besides, its
+  // registers spilled or needed a stack frame on sm_80, sm_89 and sm_100.
+  constexpr uint32_t kNotDeferred = ~0u;
+  constexpr int kDeferredBlockShift = 17;
+  uint32_t deferred_at = kNotDeferred;
+  // Counts down the run's blocks from j0 on: a register ptxas keeps, where it would
+  // rebuild run.y from the launch geometry twice a run of 32 (about 25 instructions).
+  uint32_t left = run.y - run.x;
+  for (uint32_t j0 = run.x, k = 0; left > 0; j0 += 32, left -= min(left, 32u), ++k) {
+    const uint32_t j = j0 + lane, end = j0 + min(left, 32u);
+    const uint32_t f = static_cast<uint32_t>(lane) < left ? s.widths[j] & 0x1Fu : 0u;
+    const uint32_t words = block_words(static_cast<int>(f));
+    const uint32_t incl = lane_prefix_sum(words);
+    const bool partial = end > full_blocks && full_blocks < s.num_blocks;
+    if (!partial && !__any_sync(kFull, f > 7)) {
+      uint32_t x[8];
+      load_lane_planes(s.planes + at + incl - words, words, x);
+      const uint32_t outlier =
+          Mode == kOutlier && static_cast<uint32_t>(lane) < left ? s.outl[j] : 0u;
+      offset_binary_planes(x);
+      transpose_byte_columns(x);
+      float y[kBlockValues];
+      lane_values<Mode, Sink::kHalves>(x, outlier, step, y);
+      if (j < s.num_blocks) sink.store(j, y);
+    } else if (static_cast<uint32_t>(lane) == k) {
+      deferred_at = j0 << kDeferredBlockShift | at;
+    }
+    at += __shfl_sync(kFull, incl, 31);
+  }
+  for (uint32_t deferred; (deferred = __ballot_sync(kFull, deferred_at != kNotDeferred)) != 0;) {
+    const int k = __ffs(deferred) - 1;
+    const uint32_t held = __shfl_sync(kFull, deferred_at, k);
+    if (lane == k) deferred_at = kNotDeferred;
+    // The run's end, run.y, is a multiple of 32 past j0 or the page's last group.
+    const uint32_t j0 = held >> kDeferredBlockShift;
+    const uint32_t end = min(j0 + 32, round_up(s.num_blocks, kGroupBlocks));
+    decode_blocks<Code, Mode, false>(s, make_uint2(j0, end),
+                                     held & ((1u << kDeferredBlockShift) - 1u),
+                                     stream_cursor(g, j0 * kBlockValues + lane, kBlockValues),
+                                     step, n);
+    sink.after_groups(j0, end, n);
+  }
+}
+
+// How a page's block loop stores its values: staged in shared memory and copied out
+// after the loop by the whole CTA, the warp path for every block (any rows); straight
+// into a 16-byte aligned destination page (rows 1); staged, a lane a block where the
+// widths allow (rows 16, pitch a multiple of 4 bytes).
+enum class PageLayout : uint8_t { kStaged, kDirect, kRows16 };
+
+// From the page's geometry and destination as published in shared memory: the
+// kernel asks again after the block loop rather than hold the answer across it
+// (held, it was spilled on sm_80 and sm_89).
+__device__ __forceinline__ PageLayout page_layout(const PageGeometry& g, uint32_t elem_bytes,
+                                                  const uint8_t* dst) {
+  if (g.rows.d == 1 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) return PageLayout::kDirect;
+  if (g.rows.d == 16 && g.pitch * elem_bytes % 4 == 0) return PageLayout::kRows16;
+  return PageLayout::kStaged;
+}
+
+// The warp's run when its lanes take a block each: whole runs of 32 blocks, so that
+// only the page's last run leaves lanes idle, clamped to the page's last group (the
+// warp path's fetch ahead and decode_outliers rely on runs of whole groups ending at
+// most three blocks past the last block). Warps past the last run get an empty one.
+__device__ __forceinline__ uint2 warp_chunks(uint32_t num_blocks, int warp) {
+  const uint32_t chunks = (num_blocks + 31) / 32, end = round_up(num_blocks, kGroupBlocks);
+  return make_uint2(min(warp * chunks / kWarps * 32, end),
+                    min((warp + 1) * chunks / kWarps * 32, end));
+}
+
 // Decodes the warp's run of blocks in mode Mode; the run's first plane word is
-// `run_at`. When `rows` divides a block's 32 positions (rows 1 and 16 among them), a
+// `run_at`. In the staged layout, when `rows` divides a block's 32 positions, a
 // lane's row never changes and the cursor moves by one add: a loop of its own saves
 // the wrap test on every block.
 template <uint8_t Code, uint8_t Mode>
-__device__ void decode_page(const DecodeSource& s, const PageGeometry& g, uint2 run,
-                            uint32_t run_at, float step, uint32_t n) {
+__device__ void decode_page(const DecodeSource& s, const PageGeometry& g, PageLayout layout,
+                            uint8_t* dst, uint2 run, uint32_t run_at, float step, uint32_t n) {
+  using T = typename CudaType<Code>::type;
+  if (layout == PageLayout::kDirect) {
+    decode_chunks<Code, Mode>(s, g, run, run_at, step, n, DirectSink<Code>{dst});
+    return;
+  }
+  if (layout == PageLayout::kRows16) {
+    decode_chunks<Code, Mode>(s, g, run, run_at, step, n,
+                              Rows16Sink<Code>{staged_page_address(),
+                                               g.pitch * static_cast<uint32_t>(sizeof(T))});
+    return;
+  }
   const int lane = threadIdx.x & 31;
   const StreamCursor cur = stream_cursor(g, run.x * kBlockValues + lane, kBlockValues);
   if (cur.step_row == 0) {
@@ -1910,7 +2196,10 @@ __device__ void decode_outliers(const uint8_t* widths, const uint8_t* outliers, 
 // counts before it in its warp, the width bytes and the geometry. Each warp then
 // knows the first plane word and outlier byte of its own run of groups and walks
 // them: no per-block table of offsets, no block-wide scan. The same barrier ORs
-// the width checks.
+// the width checks and publishes the destination page, found once by thread 0 (its
+// 64-bit divisions are not every thread's). Pages whose rows is 1 and whose
+// destination is 16-byte aligned are stored by the block loop itself: no barrier
+// and no copy-out after it.
 template <uint8_t Code>
 __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs a) {
   using C = CudaType<Code>;
@@ -1931,6 +2220,9 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
     if (threadIdx.x == 0) a.status[idx] = status;
     return;
   }
+  // The destination page's 64-bit divisions by one thread, published by the barrier
+  // below; here, before the checksum pass, few registers are live across their call.
+  if (threadIdx.x == 0) dst_s = a.dst.page(a.dst_ids[idx]);
   const uint8_t* payload = a.buf + offset + kHeaderBytes;
   uint4 first;
   uint32_t sum = checksum_payload(reinterpret_cast<const uint32_t*>(payload), h.payload_len / 4,
@@ -1964,8 +2256,10 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   // The page's one barrier before the block loop; it also ORs the width checks.
   const bool any_malformed = __syncthreads_or(malformed);
 
+  // Garbage for a page whose rows is invalid, which check_payload rejects below.
+  const PageLayout layout = page_layout(geometry_s, sizeof(T), dst_s);
   // The warp's run and the thread that holds its first block's width byte.
-  const uint2 run = warp_blocks(B, warp);
+  const uint2 run = layout == PageLayout::kStaged ? warp_blocks(B, warp) : warp_chunks(B, warp);
   const uint32_t holder = run.x / 16;
   uint32_t total_sum = 0, total_counts = 0, run_counts = counts_before[holder];
 #pragma unroll
@@ -1987,7 +2281,7 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
     return;
   }
   if (h.flags & kFlagRaw) {
-    copy_page<T>(a.dst.page(a.dst_ids[idx]), payload, a.n);
+    copy_page<T>(dst_s, payload, a.n);
     if (threadIdx.x == 0) a.status[idx] = kOk;
     return;
   }
@@ -2010,18 +2304,23 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   const uint32_t run_at = run_counts & kWordCountMask;
   switch (h.mode) {
     case kFixed:
-      decode_page<Code, kFixed>(source, geometry_s, run, run_at, h.step, a.n);
+      decode_page<Code, kFixed>(source, geometry_s, layout, dst_s, run, run_at, h.step, a.n);
       break;
     case kPlain:
-      decode_page<Code, kPlain>(source, geometry_s, run, run_at, h.step, a.n);
+      decode_page<Code, kPlain>(source, geometry_s, layout, dst_s, run, run_at, h.step, a.n);
       break;
     default:
-      decode_page<Code, kOutlier>(source, geometry_s, run, run_at, h.step, a.n);
+      decode_page<Code, kOutlier>(source, geometry_s, layout, dst_s, run, run_at, h.step, a.n);
+  }
+  // Rows 1: the block loop stored every block in the destination itself.
+  if (page_layout(geometry_s, sizeof(T), dst_s) == PageLayout::kDirect) {
+    if (threadIdx.x == 0) a.status[idx] = kOk;
+    return;
   }
   __syncthreads();
   // The destination and the geometry read only now: held in registers across the
   // block loop they would be spilled.
-  uint8_t* dst = a.dst.page(a.dst_ids[idx]);
+  uint8_t* const dst = dst_s;
   const PageGeometry g = geometry_s;
   if (g.padded) {
     for (uint32_t k = threadIdx.x; k < a.n * sizeof(T) / 16; k += kThreads) {

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.kernels.test_codec_cuda import (  # noqa: E402
-    FORGED_KINDS, constant_blocks, forge, mixed_widths)
+    FORGED_KINDS, constant_blocks, forge, mixed_widths, runs_of_32)
 from vllm_kvcompress.codec import CodecConfig, CodecMode, CompressedPages, compress_pages, \
     decompress_pages
 
@@ -128,6 +128,28 @@ def main() -> None:
                 dst = torch.empty(8, n, dtype=dtype, device="cuda")
                 decompress_pages(CompressedPages(c.buffer.cuda(), c.table.cuda()), dst,
                                  torch.arange(8, device="cuda"))
+    # Runs of 32 blocks decoded a lane a block (rows 1 and 16) beside runs left to the
+    # warp path: rows 1 stores straight into 16-byte aligned pages and copies the
+    # warp path's runs out a warp at a time; last runs ending before the last lane,
+    # partial last blocks, unaligned destinations; valid, forged and damaged records.
+    for dtype in (torch.bfloat16, torch.float32):
+        for mode in CodecMode:
+            for n, rows in ((16384, 1), (2272, 16), (16390, 1), (16400, 16)):
+                pages = runs_of_32(8, n, rows, dtype, 0.01, seed=n)
+                c = compress_pages(pages, torch.arange(8), CodecConfig(0.01, False, mode, rows))
+                for offset in (0, 1):
+                    dst = torch.empty(8, n + 8, dtype=dtype, device="cuda")[:, offset:offset + n]
+                    for kind in [None] + FORGED_KINDS:
+                        copy = CompressedPages(c.buffer.clone(), c.table.clone())
+                        for page in range(8):
+                            if kind is not None and int(copy.table[page, 2]) == 0:
+                                forge(copy, page, kind, g)
+                        buf = copy.buffer.cuda()
+                        decompress_pages(CompressedPages(buf, copy.table.cuda()), dst,
+                                         torch.arange(8, device="cuda"))
+                        damaged = flipped(buf, copy.used_bytes(), 4, g)
+                        decompress_pages(CompressedPages(damaged, copy.table.cuda()), dst,
+                                         torch.arange(8, device="cuda"))
     pack_damaged_tables(g)
     torch.cuda.synchronize()
     print("memcheck driver finished")

@@ -82,6 +82,36 @@ def constant_blocks(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: f
     return pages.to(dtype)
 
 
+def runs_of_32(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: float,
+               seed: int) -> torch.Tensor:
+    """Pages whose runs of 32 blocks (stream order, the runs the decoder's lanes take a
+    block each) are, drawn per run, all narrow (amplitudes up to 2^4 times the absolute
+    bound `eb`: widths at most 7 in every mode, one lane a block), all zero, or narrow
+    but for one block of alternating signs at the widest amplitude the dtype allows
+    (2^19, 2^9, 2^7 times `eb` for fp32, fp16, bf16: widths over 7 in most modes, the
+    whole run decoded a group of four blocks at a time)."""
+    g = torch.Generator().manual_seed(seed)
+    top = {torch.float32: 19, torch.float16: 9, torch.bfloat16: 7}[dtype]
+    runs = -(-n // (32 * 32))
+    bits = torch.randint(5, (num_pages, runs, 32), generator=g).double()
+    amp = torch.where(bits < 1, 0.0, 2.0 ** bits * eb)
+    kind = torch.randint(3, (num_pages, runs), generator=g)
+    amp[kind == 1] = 0.0
+    stream = torch.rand(num_pages, runs, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    stream = stream * amp[..., None]
+    wide = torch.randint(32, (num_pages, runs), generator=g)
+    signs = torch.tensor([1.0, -1.0]).repeat(16)
+    for p, r in (kind == 2).nonzero().tolist():
+        stream[p, r, wide[p, r]] = signs * (2.0 ** top * eb) * (0.75 + 0.25 * torch.rand(
+            32, generator=g, dtype=torch.float64))
+    stream = stream.reshape(num_pages, -1)[:, :n]
+    s = torch.arange(n)
+    memory_index = (s % rows) * (n // rows) + s // rows
+    pages = torch.empty(num_pages, n, dtype=torch.float64)
+    pages[:, memory_index] = stream
+    return pages.to(dtype)
+
+
 def both_devices(pages: torch.Tensor, ids: torch.Tensor,
                  config: CodecConfig) -> tuple[CompressedPages, CompressedPages]:
     cpu = compress_pages(pages, ids, config)
@@ -227,6 +257,39 @@ def test_lane_coded_blocks_match_cpu(dtype, mode, n, rows, aligned):
     assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n,rows", [(16384, 1), (16384, 16), (2272, 1), (2272, 16), (16390, 1),
+                                    (16400, 16), (1024, 1), (1024, 16)])
+def test_lane_per_block_runs_match_cpu(dtype, mode, n, rows):
+    """The decoder's lane-per-block path (rows 1 and 16) beside the warp path it leaves
+    runs of 32 blocks to: runs all narrow, all zero, or with one wide block
+    (runs_of_32); a last run that ends before the last lane (2272 values: 71 blocks,
+    the lanes past them store nothing); a partial last block in rows 1 (16390) and, for
+    fp32, in rows 16 with an odd row length (16400: 16-bit pages of that shape go
+    through the warp path); a page of one run (1024: one warp decodes, seven have no
+    blocks). Destinations 16-byte aligned (rows 1 stores straight into the page) and
+    not (staged): bit-identical to the CPU decoder, and nothing written outside the
+    pages."""
+    pages = runs_of_32(6, n, rows, dtype, 0.01, seed=n + rows)
+    ids = torch.tensor([4, 0, 5, 2, 1, 3])
+    cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, rows))
+    assert_same_stream(cpu, gpu)
+    expected = torch.zeros(6, n, dtype=dtype)
+    assert (decompress_pages(cpu, expected, torch.arange(6)) == DecodeStatus.OK).all()
+    for offset in (0, 1):
+        # Row stride n + 8 elements: at offset 0 every page is 16-byte aligned when that
+        # stride is a multiple of 16 bytes, otherwise only some are (16390 values).
+        full = torch.full((6, n + 8), 3.0, dtype=dtype, device="cuda")
+        dst = full[:, offset:offset + n]
+        status = decompress_pages(gpu, dst, torch.arange(6, device="cuda"))
+        assert (status == DecodeStatus.OK).all()
+        got = dst.cpu().contiguous()
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), offset
+        outside = torch.cat([full[:, :offset], full[:, offset + n:]], 1)
+        assert (outside == 3.0).all(), offset
+
+
 def narrow_with_spike(num_pages: int, n: int, seed: int) -> torch.Tensor:
     """fp32 pages whose groups are all narrow at an absolute bound of 1, so that
     compression keeps their plane words in the staged page in place of values: odd
@@ -305,7 +368,8 @@ def forge(pages: CompressedPages, page: int, kind: str, g: torch.Generator) -> N
 @pytest.mark.parametrize("mode", list(CodecMode))
 @pytest.mark.parametrize("kind", FORGED_KINDS)
 @pytest.mark.parametrize("dtype,n,rows", [(torch.bfloat16, 16384, 16), (torch.float32, 2245, 1),
-                                          (torch.float16, 1056, 3), (torch.float32, 100, 1)])
+                                          (torch.float16, 1056, 3), (torch.float32, 100, 1),
+                                          (torch.bfloat16, 16384, 1)])
 def test_forged_width_sections_match_cpu(mode, kind, dtype, n, rows):
     """Records with valid checksums whose width bytes or payload length were forged:
     the decoder parses the width bytes from the checksum pass's registers (thread t
@@ -315,7 +379,9 @@ def test_forged_width_sections_match_cpu(mode, kind, dtype, n, rows):
     section lengths that do not add up, nonzero padding after the last width byte
     (ignored), and width bytes moved between blocks (valid lengths, so the page
     decodes, from offsets only a correct count finds). Pages of 512, 71, 33 and 4
-    blocks; zero pages among them have payloads shorter than one 16-byte vector."""
+    blocks; zero pages among them have payloads shorter than one 16-byte vector. The
+    bf16 pages of 512 narrow blocks are decoded a lane a block, staged (rows 16) and
+    stored straight into the destination (rows 1)."""
     g = torch.Generator().manual_seed(n + rows)
     pages = mixed_widths(8, n, rows, dtype, 0.01, seed=n)
     pages[6] = 0
