@@ -78,6 +78,16 @@ __device__ __forceinline__ void store_shared_byte(uint32_t at, uint32_t b) {
   asm volatile("st.shared.u8 [%0], %1;" ::"r"(at), "r"(b) : "memory");
 }
 
+__device__ __forceinline__ uint16_t load_shared_half(uint32_t at) {
+  uint16_t h;
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(h) : "r"(at) : "memory");
+  return h;
+}
+
+__device__ __forceinline__ void store_shared_half(uint32_t at, uint16_t h) {
+  asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(h) : "memory");
+}
+
 __device__ __forceinline__ uint4 load_shared_vec(uint32_t at) {
   uint4 v;
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
@@ -106,13 +116,10 @@ struct CudaType<kFp16> {
   __device__ static float to_f32(__half v) { return __half2float(v); }
   __device__ static __half from_f32(float v) { return __float2half_rn(v); }
   __device__ static float load_staged(uint32_t at) {
-    uint16_t bits;
-    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at) : "memory");
-    return __half2float(__ushort_as_half(bits));
+    return __half2float(__ushort_as_half(load_shared_half(at)));
   }
   __device__ static void store_staged(uint32_t at, float v) {
-    const uint16_t bits = __half_as_ushort(__float2half_rn(v));
-    asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+    store_shared_half(at, __half_as_ushort(__float2half_rn(v)));
   }
   __device__ static float2 word_pair(uint32_t lo, uint32_t) {
     return __half22float2(*reinterpret_cast<const __half2*>(&lo));
@@ -127,13 +134,10 @@ struct CudaType<kBf16> {
   __device__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
   __device__ static float load_staged(uint32_t at) {
-    uint16_t bits;
-    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(bits) : "r"(at) : "memory");
-    return __bfloat162float(__ushort_as_bfloat16(bits));
+    return __bfloat162float(__ushort_as_bfloat16(load_shared_half(at)));
   }
   __device__ static void store_staged(uint32_t at, float v) {
-    const uint16_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
-    asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(bits) : "memory");
+    store_shared_half(at, __bfloat16_as_ushort(__float2bfloat16_rn(v)));
   }
   // A bf16 is the high half of its f32: a shift or a mask, no conversion.
   __device__ static float2 word_pair(uint32_t lo, uint32_t) {
@@ -826,9 +830,12 @@ __device__ __forceinline__ void exchange_bits(uint32_t& a, uint32_t& c) {
   a = a_new;
 }
 
-// Bit b of value i's field sits at position 8 (i / 8) + b of word i % 8: position
-// (i4 i3 b2 b1 b0), word (i2 i1 i0). Three exchanges make it (i4 .. i0) of word
-// (b2 b1 b0): bit i of word b. 48 logic operations and shifts for the 8 x 32 bits.
+// Transposes the 8 x 8 bit matrix in each byte column of w[0..7]: bit b of byte c of
+// w[r] trades places with bit r of byte c of w[b]. Three rounds of exchanges, 48
+// logic operations and shifts for the 8 x 32 bits. Coding, bit b of value i's field
+// sits at position 8 (i / 8) + b of word i % 8 and ends as bit i of word b (plane b);
+// decoding, the same transposition takes planes back to byte c of word r holding the
+// field of value 8c + r.
 __device__ __forceinline__ void transpose_fields(uint32_t (&w)[8]) {
 #pragma unroll
   for (int m = 0; m < 4; ++m) exchange_bits<4, 0x0F0F0F0Fu>(w[m], w[m + 4]);
@@ -1814,26 +1821,6 @@ __device__ __forceinline__ void offset_binary_planes(uint32_t (&x)[8]) {
   x[7] = ~(borrow ^ sign);
 }
 
-// Transposes the 8 x 8 bit matrix in each byte column of x[0..7]: on return bit b
-// of byte c of x[r] is what bit r of byte c of x[b] was. Three butterfly rounds,
-// each swapping the off-diagonal k x k blocks of every byte at once (two shifts and
-// two bit selects a pair of words, 48 instructions for the 32 values). From planes
-// (x[p] bit i = bit p of u_i) this leaves byte c of x[r] holding u_(8c + r).
-__device__ __forceinline__ void transpose_byte_columns(uint32_t (&x)[8]) {
-  constexpr uint32_t kKeep[3] = {0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
-#pragma unroll
-  for (int round = 0; round < 3; ++round) {
-    const int k = 4 >> round;
-#pragma unroll
-    for (int p = 0; p < 8; ++p) {
-      if (p & k) continue;
-      const uint32_t a = x[p], b = x[p + k];
-      x[p] = (a & kKeep[round]) | ((b << k) & ~kKeep[round]);
-      x[p + k] = ((a >> k) & kKeep[round]) | (b & ~kKeep[round]);
-    }
-  }
-}
-
 // A byte u placed in the mantissa of 2^23 is the f32 2^23 + u, exactly; subtracting
 // 2^23 + 128 leaves d = u - 128, exactly: one byte permute and one f32 add a value, as
 // many as a sign-extending permute and an integer conversion, but the add issues to
@@ -2003,7 +1990,7 @@ __device__ void decode_chunks(const DecodeSource& s, const PageGeometry& g, uint
       const uint32_t outlier =
           Mode == kOutlier && static_cast<uint32_t>(lane) < left ? s.outl[j] : 0u;
       offset_binary_planes(x);
-      transpose_byte_columns(x);
+      transpose_fields(x);
       float y[kBlockValues];
       lane_values<Mode, Sink::kHalves>(x, outlier, step, y);
       if (j < s.num_blocks) sink.store(j, y);

@@ -42,6 +42,14 @@ def adversarial(num_pages: int, n: int, dtype: torch.dtype, seed: int) -> torch.
     return x.to(dtype)
 
 
+def in_memory_order(stream: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Pages in `dtype` whose values, read in the codec's stream order for `rows`,
+    are the rows of `stream` (float64)."""
+    pages = torch.empty_like(stream)
+    pages[:, torch.from_numpy(ref.stream_index(stream.shape[1], rows))] = stream
+    return pages.to(dtype)
+
+
 def mixed_widths(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: float,
                  seed: int) -> torch.Tensor:
     """Pages whose 32-value blocks, in stream order, each have their own amplitude,
@@ -56,11 +64,7 @@ def mixed_widths(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: floa
     amp = torch.where(bits < 1, 0.0, 2.0 ** bits * eb)
     stream = (torch.rand(num_pages, blocks, 32, generator=g, dtype=torch.float64) * 2 - 1)
     stream = (stream * amp[:, :, None]).reshape(num_pages, -1)[:, :n]
-    s = torch.arange(n)
-    memory_index = (s % rows) * (n // rows) + s // rows
-    pages = torch.empty(num_pages, n, dtype=torch.float64)
-    pages[:, memory_index] = stream
-    return pages.to(dtype)
+    return in_memory_order(stream, rows, dtype)
 
 
 def constant_blocks(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: float,
@@ -75,11 +79,7 @@ def constant_blocks(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: f
     level = torch.randint(-2 ** top, 2 ** top + 1, (num_pages, blocks, 1), generator=g)
     level[torch.rand(num_pages, blocks, 1, generator=g) < 0.25] = 0
     stream = (level.double() * eb).expand(-1, -1, 32).reshape(num_pages, -1)[:, :n]
-    s = torch.arange(n)
-    memory_index = (s % rows) * (n // rows) + s // rows
-    pages = torch.empty(num_pages, n, dtype=torch.float64)
-    pages[:, memory_index] = stream
-    return pages.to(dtype)
+    return in_memory_order(stream, rows, dtype)
 
 
 def runs_of_32(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: float,
@@ -105,11 +105,7 @@ def runs_of_32(num_pages: int, n: int, rows: int, dtype: torch.dtype, eb: float,
         stream[p, r, wide[p, r]] = signs * (2.0 ** top * eb) * (0.75 + 0.25 * torch.rand(
             32, generator=g, dtype=torch.float64))
     stream = stream.reshape(num_pages, -1)[:, :n]
-    s = torch.arange(n)
-    memory_index = (s % rows) * (n // rows) + s // rows
-    pages = torch.empty(num_pages, n, dtype=torch.float64)
-    pages[:, memory_index] = stream
-    return pages.to(dtype)
+    return in_memory_order(stream, rows, dtype)
 
 
 def both_devices(pages: torch.Tensor, ids: torch.Tensor,
