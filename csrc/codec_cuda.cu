@@ -421,39 +421,13 @@ __device__ uint32_t copy_checksum_words(uint8_t* dst, const uint8_t* src, uint32
   return sum;
 }
 
-// Checksum terms of words[begin..end), word i at checksum index `first + i`; `words`
-// is 16-byte aligned. Up to three words one at a time to a 16-byte boundary, then
-// 16 bytes a load with several loads in flight per thread (the words were just
-// written by other warps and come back from L2, where one load at a time would leave
-// each thread waiting a full latency per 16 bytes), then the last few words.
-// Decompression sums its records with checksum_payload.
-__device__ uint32_t checksum_range(const uint32_t* words, uint32_t begin, uint32_t end,
-                                   uint32_t first) {
-  const uint32_t head = min(end, round_up(begin, 4u)), vbegin = head / 4, vend = end / 4;
+// Checksum terms of the `bytes` (a multiple of 4) of shared memory at `words`, word i
+// at checksum index `first + i`: the widths section, hashed where pass 1 left it
+// before the record's offset is known, and copied out with copy_words after it.
+__device__ uint32_t checksum_shared_words(const uint32_t* words, uint32_t bytes, uint32_t first) {
   uint32_t sum = 0;
-  if (threadIdx.x < head - begin) {
-    sum += checksum_term(words[begin + threadIdx.x], first + begin + threadIdx.x);
-  }
-  constexpr int kInFlight = 4;
-  const uint4* vecs = reinterpret_cast<const uint4*>(words);
-  for (uint32_t k0 = vbegin + threadIdx.x; k0 < vend; k0 += kThreads * kInFlight) {
-    uint4 v[kInFlight];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const uint32_t k = k0 + u * kThreads;
-      if (k < vend) v[u] = vecs[k];
-    }
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const uint32_t k = k0 + u * kThreads;
-      if (k >= vend) break;
-      sum += checksum_term(v[u].x, first + 4 * k) + checksum_term(v[u].y, first + 4 * k + 1) +
-             checksum_term(v[u].z, first + 4 * k + 2) + checksum_term(v[u].w, first + 4 * k + 3);
-    }
-  }
-  const uint32_t tail = max(head, 4 * vend);
-  if (tail + threadIdx.x < end) {
-    sum += checksum_term(words[tail + threadIdx.x], first + tail + threadIdx.x);
+  for (uint32_t i = threadIdx.x; i < bytes / 4; i += kThreads) {
+    sum += checksum_term(words[i], first + i);
   }
   return sum;
 }
@@ -1094,32 +1068,122 @@ __device__ __forceinline__ uint2 size_lane_blocks(const LaneBlocks& lb, const Pa
 // Pass 2's path for a block wider than 7, whose fields do not fit the lane's bytes:
 // the warp codes it together, lane i value i, with one warp transpose, from the
 // values pass 1 left in place. `at` and `words` are its plane words, `out_at` and
-// `k` its outlier bytes.
+// `k` its outlier bytes. Returns the checksum term of the lane's plane word (0 for a
+// lane past the block's words), planes[0] at checksum index `first`.
 template <uint8_t Code, uint8_t Mode>
-__device__ __forceinline__ void write_wide_block(const BlockCoder<Code, Mode>& coder,
-                                                 const PageGeometry& g, uint32_t j, uint32_t at,
-                                                 uint32_t words, uint32_t out_at, uint32_t k,
-                                                 uint32_t* planes, uint32_t stage_at) {
-  const int lane = threadIdx.x & 31;
+__device__ __forceinline__ uint32_t write_wide_block(const BlockCoder<Code, Mode>& coder,
+                                                     const PageGeometry& g, uint32_t j,
+                                                     uint32_t at, uint32_t words, uint32_t out_at,
+                                                     uint32_t k, uint32_t* planes,
+                                                     uint32_t first, uint32_t stage_at) {
+  const uint32_t lane = threadIdx.x & 31;
   const StreamCursor cur = in_shared_addresses(stream_cursor(g, j * kBlockValues + lane, 1),
                                                sizeof(typename CudaType<Code>::type));
   const LaneCode c = coder.code(cur.index, j);
-  store_plane_word(planes, at, words, bit_transpose()(plane_row(c.d)));
+  const uint32_t word = bit_transpose()(plane_row(c.d));
+  store_plane_word(planes, at, words, word);
   if (Mode == kOutlier && lane == 0) store_outlier(stage_at + out_at, zigzag(c.q), k);
+  return lane < words ? checksum_term(word, first + at + lane) : 0u;
+}
+
+// The checksum index of a compressed record's first plane word: the header's words,
+// then the widths (B bytes) and outlier (`outliers` bytes) sections, each padded to
+// whole words.
+__device__ __forceinline__ uint32_t first_plane_index(uint32_t num_blocks, uint32_t outliers) {
+  return kHeaderChecksumWords + (round_up(num_blocks, 4u) + round_up(outliers, 4u)) / 4;
+}
+
+// The checksum term of a block's plane word t, at checksum index `first + t`, or 0
+// past the block's `words` (0 for a block with only an outlier). The term is computed
+// either way and dropped by a select: the lanes of a round rarely all stop before
+// word 8, so the branch per word that ptxas emits for a conditional hash only adds its
+// three control instructions.
+__device__ __forceinline__ uint32_t block_word_term(uint32_t w, uint32_t t, uint32_t words,
+                                                    uint32_t first) {
+  const uint32_t term = checksum_term(w, first + t);
+  return t < words ? term : 0u;
+}
+
+__device__ __forceinline__ uint32_t checksum_block_words(const uint32_t (&w)[8], uint32_t words,
+                                                         uint32_t first) {
+  uint32_t sum = 0;
+#pragma unroll
+  for (uint32_t t = 0; t < 8; ++t) sum += block_word_term(w[t], t, words, first);
+  return sum;
+}
+
+// The checksum terms of block j's kept words (keep_words' slots), hashed as they are
+// loaded: four or one at a time, not all eight held at once (which spilled
+// compress<fp32, plain> on sm_89).
+template <uint8_t Code, LaneLayout Layout>
+__device__ __forceinline__ uint32_t kept_word_terms(const LaneBlocks& lb, uint32_t j,
+                                                    uint32_t words, uint32_t first) {
+  const uint32_t at = lane_block_at<Code, Layout>(lb, j);
+  uint32_t sum = 0;
+  if constexpr (Layout == LaneLayout::kRows1) {
+#pragma unroll
+    for (uint32_t h = 0; h < 8; h += 4) {
+      const uint4 v = load_shared_vec(at + 4 * h);
+      sum += block_word_term(v.x, h, words, first) + block_word_term(v.y, h + 1, words, first) +
+             block_word_term(v.z, h + 2, words, first) + block_word_term(v.w, h + 3, words, first);
+    }
+  } else {
+    uint32_t slot = at;
+#pragma unroll
+    for (uint32_t t = 0; t < 8; ++t, slot = next_slot<Layout>(lb, slot)) {
+      sum += block_word_term(load_shared_word(slot), t, words, first);
+    }
+  }
+  return sum;
+}
+
+// The checksum terms of the plane words pass 1 kept (keeps_words), run before the
+// record's offset is known: a word's checksum index is its place in the record, which
+// the page's widths give. Each round of 32 blocks finds its blocks' first words with
+// one scan over the lanes, as write_lane_blocks does, and a lane hashes its block's
+// kept words from its staged slots. write_lane_blocks then stores them without
+// hashing; it hashes the blocks it codes itself. `at` is the run's first plane word,
+// planes[0] at checksum index `first`.
+template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
+__device__ __forceinline__ uint32_t checksum_kept_words(const LaneBlocks& lb, uint2 run,
+                                                        const uint8_t* widths, uint32_t at,
+                                                        uint32_t first) {
+  const uint32_t lane = threadIdx.x & 31;
+  const uint32_t widths_at = static_cast<uint32_t>(__cvta_generic_to_shared(widths));
+  uint32_t sum = 0;
+  for (uint32_t j0 = run.x; j0 < run.y; j0 += 32) {
+    const uint32_t j = j0 + lane;
+    const uint32_t width_byte = j < run.y ? load_shared_byte(widths_at + j) : 0u;
+    const uint32_t f = width_byte & 0x1Fu;
+    const uint32_t words = f == 0 ? 0u : f + 1;
+    const uint32_t upto = lane_prefix_sum(words);
+    const uint32_t word_at = at + upto - words;
+    at += __shfl_sync(kFull, upto, 31);
+    if (keeps_words<Layout>(lb, j, width_byte)) {
+      sum += kept_word_terms<Code, Layout>(lb, j, words, first + word_at);
+    }
+  }
+  return sum;
 }
 
 // Pass 2 over a warp's run: its plane words into `planes` and outlier bytes into
 // `stage`, from the run's offsets `at` in each; each round of 32 blocks finds its
 // blocks' offsets with one scan over the lanes. A lane stores its block's words, kept
 // by pass 1 or coded again (kAnyRows, a last block with padding); wider blocks are
-// coded by the whole warp.
+// coded by the whole warp. Returns the checksum terms of the words it coded:
+// checksum_kept_words hashed the kept ones. Those blocks are rare (a last block with
+// padding, blocks wider than 7) or the layout is kAnyRows, so the checksum index of
+// planes[0] is found again where one is hashed, from the outlier section's length at
+// shared address `outliers_at`: held across the loop it spilled (sm_89).
 template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
-__device__ __forceinline__ void write_lane_blocks(const LaneBlocks& lb,
-                                                  const BlockCoder<Code, Mode>& coder,
-                                                  const PageGeometry& g, uint2 run,
-                                                  const uint8_t* widths, uint2 at,
-                                                  uint32_t* planes, uint8_t* stage) {
+__device__ __forceinline__ uint32_t write_lane_blocks(const LaneBlocks& lb,
+                                                      const BlockCoder<Code, Mode>& coder,
+                                                      const PageGeometry& g, uint2 run,
+                                                      const uint8_t* widths, uint2 at,
+                                                      uint32_t* planes, uint32_t outliers_at,
+                                                      uint8_t* stage) {
   const uint32_t lane = threadIdx.x & 31;
+  uint32_t sum = 0;
   // Shared addresses, held, not built again from the shared window's base every round.
   uint32_t widths_at = static_cast<uint32_t>(__cvta_generic_to_shared(widths));
   uint32_t stage_at = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
@@ -1147,6 +1211,8 @@ __device__ __forceinline__ void write_lane_blocks(const LaneBlocks& lb,
 #pragma unroll
         for (int t = 0; t < 8; ++t) w[t] = b.w[t];
         z = block_outlier(b.r0);
+        const uint32_t first = first_plane_index(lb.num_blocks, load_shared_word(outliers_at));
+        sum += checksum_block_words(w, words, first + word_at);
       }
       uint32_t* const out = planes + word_at;
 #pragma unroll
@@ -1157,11 +1223,16 @@ __device__ __forceinline__ void write_lane_blocks(const LaneBlocks& lb,
     }
     for (uint32_t wide = __ballot_sync(kFull, f > 7); wide != 0; wide &= wide - 1) {
       const int b = __ffs(wide) - 1;
-      write_wide_block<Code, Mode>(coder, g, j0 + b, __shfl_sync(kFull, word_at, b),
-                                   __shfl_sync(kFull, words, b), __shfl_sync(kFull, out_at, b),
-                                   __shfl_sync(kFull, k, b), planes, stage_at);
+      sum += write_wide_block<Code, Mode>(coder, g, j0 + b, __shfl_sync(kFull, word_at, b),
+                                          __shfl_sync(kFull, words, b),
+                                          __shfl_sync(kFull, out_at, b), __shfl_sync(kFull, k, b),
+                                          planes,
+                                          first_plane_index(lb.num_blocks,
+                                                            load_shared_word(outliers_at)),
+                                          stage_at);
     }
   }
+  return sum;
 }
 
 __device__ void publish(unsigned long long* flag, unsigned long long v) {
@@ -1169,19 +1240,24 @@ __device__ void publish(unsigned long long* flag, unsigned long long v) {
   ref.store(v, cuda::memory_order_release);
 }
 
-// Decoupled look-back by one warp, every lane of which calls it: the byte offset of
-// page `idx`'s record. Lane k reads the flag of the (k + 1)-th page before the window's
+// Publishes page `idx`'s record length as soon as it is known, before the page looks
+// back: its successors can then add it and look past it while it does the work that
+// needs no offset (docs/codec-kernel-notes.md, "Eighth round"). Page 0's length is
+// already its inclusive prefix. One thread calls it.
+__device__ void publish_length(unsigned long long* flags, uint32_t idx, uint64_t len) {
+  publish(&flags[idx], (idx == 0 ? kFlagPrefix : kFlagAggregate) | len);
+}
+
+// Decoupled look-back by one warp, every lane of which calls it, after publish_length:
+// the byte offset of page `idx`'s record, whose length is `len`; publishes the page's
+// inclusive prefix. Lane k reads the flag of the (k + 1)-th page before the window's
 // end, so one round of loads covers 32 predecessors. A single thread walked them one
 // L2 round trip at a time: the CTAs of a wave reach their look-back together, each
 // then found mostly aggregates behind it, and its whole CTA waited at the barrier
 // after the look-back for a third of its life (docs/codec-kernel-notes.md,
 // "Compression's look-back by a warp").
 __device__ uint64_t look_back(unsigned long long* flags, uint32_t idx, uint64_t len, int lane) {
-  if (idx == 0) {
-    if (lane == 0) publish(&flags[0], kFlagPrefix | len);
-    return 0;
-  }
-  if (lane == 0) publish(&flags[idx], kFlagAggregate | len);
+  if (idx == 0) return 0;
   uint64_t exclusive = 0;
   // Page indices are those of one launch's grid, below 2^31.
   for (int32_t end = static_cast<int32_t>(idx);; end -= 32) {
@@ -1289,6 +1365,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   __shared__ uint32_t scratch[kWarps];
   __shared__ uint2 warp_sizes[kWarps];  // plane words and outlier bytes of each warp's blocks
   __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_lane_blocks)
+  __shared__ uint32_t warp_early_sum[kWarps];  // each warp's checksum terms before the wait
   __shared__ uint32_t page_index;
   __shared__ PageQuant pq_s;
   __shared__ uint64_t offset_s;
@@ -1315,6 +1392,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   const int64_t src_id = a.page_ids[idx];
   if (src_id < 0 || src_id >= a.src.count) {
     if (warp == 0) {
+      if (lane == 0) publish_length(a.flags, idx, 0);
       const uint64_t off = look_back(a.flags, idx, 0, lane);
       if (lane == 0) {
         a.table[3 * idx] = static_cast<int64_t>(off);
@@ -1428,27 +1506,55 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
                    ((check & kCheckTie) != 0 &&
                     verify_exact<Code>(reinterpret_cast<const T*>(src_s), a.n, pq));
 
+  // The record's RAW reason and length, the same in every thread (from the shared
+  // totals): thread 0 publishes the length at once, every thread knows which kind of
+  // payload to prepare before the offset is known.
+  uint8_t reason = pq.raw_reason;
+  if (reason == 0 && bad) reason = kRawBoundUnattainable;
+  uint32_t payload_len = raw_payload_len(a.n, Code);
+  if (reason == 0) {
+    const uint32_t packed = compressed_payload_len(B, totals.y, totals.x);
+    if (packed >= payload_len) {
+      reason = kRawNoGain;
+    } else {
+      payload_len = packed;
+    }
+  }
+  // The table row and the header are written from shared memory after the look-back's
+  // wait: held in registers across it, their values are spilled on some targets
+  // (sm_100).
+  if (threadIdx.x == 0) {
+    publish_length(a.flags, idx, round_up(kHeaderBytes + payload_len, kRecordAlign));
+    payload_len_s = payload_len;
+    outlier_total_s = totals.y;
+    reason_s = reason;
+  }
+  // Work that needs no offset, done while the pages before this one finish: the
+  // checksum terms of the widths section and of the kept plane words, whose checksum
+  // indices are their places in the record. Their sum waits in shared memory, one
+  // word a warp, for thread 0's header: held in a register across the wait and
+  // pass 2 it was spilled (compress<fp32, outlier> on sm_80), and adding it in each
+  // warp's lane 0 after the wait spilled that predicate (compress<fp32, plain>,
+  // sm_89). A RAW page hashes its payload as it copies it, after the wait.
+  uint32_t early = 0;
+  if (reason == 0) {
+    early = checksum_shared_words(reinterpret_cast<const uint32_t*>(widths), round_up(B, 4u),
+                                  kHeaderChecksumWords);
+    const uint32_t first = first_plane_index(B, totals.y);
+    if (layout == LaneLayout::kRows1) {
+      early +=
+          checksum_kept_words<Code, Mode, LaneLayout::kRows1>(lb, run, widths, base.x, first);
+    } else if (layout == LaneLayout::kRows16) {
+      early +=
+          checksum_kept_words<Code, Mode, LaneLayout::kRows16>(lb, run, widths, base.x, first);
+    }
+  }
+  early = __reduce_add_sync(kFull, early);
+  if (lane == 0) warp_early_sum[warp] = early;
   if (warp == 0) {
-    uint8_t reason = pq.raw_reason;
-    if (reason == 0 && bad) reason = kRawBoundUnattainable;
-    uint32_t payload_len = raw_payload_len(a.n, Code);
-    if (reason == 0) {
-      const uint32_t packed = compressed_payload_len(B, totals.y, totals.x);
-      if (packed >= payload_len) {
-        reason = kRawNoGain;
-      } else {
-        payload_len = packed;
-      }
-    }
-    // The table row is written from shared memory after the look-back's wait: held
-    // in registers across it, its values are spilled on some targets (sm_100).
-    if (lane == 0) {
-      payload_len_s = payload_len;
-      outlier_total_s = totals.y;
-      reason_s = reason;
-    }
+    __syncwarp();  // thread 0's payload_len_s, to the warp
     const uint64_t offset =
-        look_back(a.flags, idx, round_up(kHeaderBytes + payload_len, kRecordAlign), lane);
+        look_back(a.flags, idx, round_up(kHeaderBytes + payload_len_s, kRecordAlign), lane);
     if (lane == 0) {
       offset_s = offset;
       int64_t* row = a.table + 3 * page_index;
@@ -1461,7 +1567,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
 
   // Pass 2: write the payload at the record's offset, then the header.
   uint8_t* payload = a.out + offset_s + kHeaderBytes;
-  uint32_t sum = 0;
+  uint32_t sum;
   if (reason_s != 0) {
     // A padded page is not contiguous in shared memory, and one whose plane words
     // pass 1 kept no longer holds every value: the source page is copied instead when
@@ -1479,39 +1585,36 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     }
     sum = copy_checksum_words(payload, raw, payload_len_s, kHeaderChecksumWords);
   } else {
-    const uint32_t width_bytes = round_up(B, 4), outlier_bytes = round_up(totals.y, 4);
+    const uint32_t outlier_bytes = round_up(totals.y, 4u);
     // Padding bytes only: the blocks' bytes are written by pass 1 and below, and the
     // widths' padding bytes are the padding blocks of the last group, written by pass 1.
     for (uint32_t i = totals.y + threadIdx.x; i < outlier_bytes; i += kThreads) stage[i] = 0;
-    const uint32_t plane_word0 = (width_bytes + outlier_bytes) / 4;
-    uint32_t* planes = reinterpret_cast<uint32_t*>(payload) + plane_word0;
-    const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(pq, a.n, B, lane);
+    uint32_t* planes =
+        reinterpret_cast<uint32_t*>(payload) + (round_up(B, 4u) + outlier_bytes) / 4;
+    // The quantisation from shared memory again, not held across the wait.
+    const BlockCoder<Code, Mode> coder = block_coder<Code, Mode>(pq_s, a.n, B, lane);
+    const uint32_t outliers_at =
+        static_cast<uint32_t>(__cvta_generic_to_shared(&outlier_total_s));
     if (layout == LaneLayout::kRows1) {
-      write_lane_blocks<Code, Mode, LaneLayout::kRows1>(lb, coder, g, run, widths, base, planes,
-                                                        stage);
+      sum = write_lane_blocks<Code, Mode, LaneLayout::kRows1>(lb, coder, g, run, widths, base,
+                                                              planes, outliers_at, stage);
     } else if (layout == LaneLayout::kRows16) {
-      write_lane_blocks<Code, Mode, LaneLayout::kRows16>(lb, coder, g, run, widths, base, planes,
-                                                         stage);
+      sum = write_lane_blocks<Code, Mode, LaneLayout::kRows16>(lb, coder, g, run, widths, base,
+                                                               planes, outliers_at, stage);
     } else {
-      write_lane_blocks<Code, Mode, LaneLayout::kAnyRows>(lb, coder, g, run, widths, base, planes,
-                                                          stage);
+      sum = write_lane_blocks<Code, Mode, LaneLayout::kAnyRows>(lb, coder, g, run, widths, base,
+                                                                planes, outliers_at, stage);
     }
     __syncthreads();
-    // The widths and outlier sections are hashed as they are copied out of shared
-    // memory, the plane words in one pass over the payload as written (the barrier
-    // above makes them visible): hashing them in the block loop would cost the warp
-    // a whole hash per block with only the f + 1 lanes holding a word busy, where
-    // this pass hashes 32 words with the same instructions. The record's place and
-    // sizes come from shared memory again: held in registers across write_lane_blocks
-    // they would crowd its loop.
+    // The widths were hashed before the wait; the outlier section, complete only now
+    // (pass 2 stages the outliers), is hashed as it is copied out. The record's place
+    // and sizes come from shared memory again: held in registers across
+    // write_lane_blocks they would crowd its loop.
     uint8_t* payload_at = a.out + offset_s + kHeaderBytes;
-    const uint32_t outlier_section = round_up(outlier_total_s, 4);
-    sum = copy_checksum_words(payload_at, widths, width_bytes, kHeaderChecksumWords);
-    sum += copy_checksum_words(payload_at + width_bytes, stage, outlier_section,
+    const uint32_t width_bytes = round_up(B, 4u);
+    copy_words(payload_at, widths, width_bytes);
+    sum += copy_checksum_words(payload_at + width_bytes, stage, round_up(outlier_total_s, 4u),
                                kHeaderChecksumWords + width_bytes / 4);
-    sum += checksum_range(reinterpret_cast<const uint32_t*>(payload_at),
-                          (width_bytes + outlier_section) / 4, payload_len_s / 4,
-                          kHeaderChecksumWords);
   }
   const uint32_t record_end = round_up(kHeaderBytes + payload_len_s, kRecordAlign);
   uint8_t* record_at = a.out + offset_s;
@@ -1528,6 +1631,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // The header's fields from shared memory again: held in registers across pass 2
     // they cost outlier mode a spill.
     header.h = make_header(Code, Mode, a.relative, a.n, a.rows, pq_s, reason_s, payload_len_s);
+    for (int w = 0; w < kWarps; ++w) sum += warp_early_sum[w];
     header.h.checksum = checksum_finish(sum + header_checksum_sum(header.h), header.h.payload_len);
     uint4* header_at = reinterpret_cast<uint4*>(a.out + offset_s);
     header_at[0] = header.v[0];
@@ -2069,7 +2173,7 @@ __device__ void decode_page(const DecodeSource& s, const PageGeometry& g, PageLa
 
 // Checksum terms of a record's payload, `count` words from `words` (16-byte
 // aligned), word i at checksum index kHeaderChecksumWords + i, four 16-byte loads
-// in flight per thread as in checksum_range. Also gives this thread's 16-byte
+// in flight per thread, so that L2 latency overlaps. Also gives this thread's 16-byte
 // vector threadIdx.x of the payload (zero past `count`): the width bytes, so that
 // they are parsed from the registers the checksum pass loaded them into instead of
 // being read from global memory again. Vector k is thread k % kThreads's, the last,
