@@ -255,6 +255,34 @@ def test_lane_coded_blocks_match_cpu(dtype, mode, n, rows, aligned):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n,rows", [(9616, 1), (9600, 1), (16 * 601, 16), (4608, 48)])
+def test_checksums_split_around_the_look_back_match_cpu(dtype, mode, n, rows):
+    """Compression hashes a record's widths and the plane words pass 1 kept before
+    its look-back's wait, the words of the blocks it codes again (a last block with
+    padding, other row counts) and of blocks wider than 7 as it stores them, and the
+    outlier section as it copies it out: pages that hold all of these at once (thirds
+    of narrow, wide and one-value blocks), among RAW pages and bad source indices in
+    one launch. Byte-identical streams (the checksum among them) and GPU decodes that
+    pass their checksum."""
+    third = n // 3
+    narrow = mixed_widths(4, n, rows, dtype, eb=0.01, seed=n + 1)
+    wide = mixed_widths(4, n, rows, torch.float32, eb=0.01, seed=n + 2).clamp(-2.4, 2.4)
+    single = constant_blocks(4, n, rows, dtype, eb=0.01, seed=n + 3)
+    pages = torch.cat([narrow[:, :third], wide.to(dtype)[:, third:2 * third],
+                       single[:, 2 * third:]], 1)
+    pages = torch.cat([pages, adversarial(8, n, dtype, seed=n + 4)[4:6]])  # NaN, Inf: RAW
+    ids = torch.tensor([0, 4, 1, -1, 2, 5, 3])
+    cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, rows))
+    assert_same_stream(cpu, gpu)
+    ok = cpu.table[:, 2] == 0
+    assert ok.sum() >= 4
+    dst = torch.zeros(ids.numel(), n, dtype=dtype).cuda()
+    status = decompress_pages(gpu, dst, torch.arange(ids.numel(), device="cuda"))
+    assert (status.cpu()[ids >= 0] == DecodeStatus.OK).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
 @pytest.mark.parametrize("n,rows", [(16384, 1), (16384, 16), (2272, 1), (2272, 16), (16390, 1),
                                     (16400, 16), (1024, 1), (1024, 16)])
 def test_lane_per_block_runs_match_cpu(dtype, mode, n, rows):
