@@ -1533,9 +1533,8 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   // checksum terms of the widths section and of the kept plane words, whose checksum
   // indices are their places in the record. Their sum waits in shared memory, one
   // word a warp, for thread 0's header: held in a register across the wait and
-  // pass 2 it was spilled (compress<fp32, outlier> on sm_80), and adding it in each
-  // warp's lane 0 after the wait spilled that predicate (compress<fp32, plain>,
-  // sm_89). A RAW page hashes its payload as it copies it, after the wait.
+  // pass 2 it was spilled (compress<fp32, outlier> on sm_80). A RAW page hashes its
+  // payload as it copies it, after the wait.
   uint32_t early = 0;
   if (reason == 0) {
     early = checksum_shared_words(reinterpret_cast<const uint32_t*>(widths), round_up(B, 4u),
