@@ -74,6 +74,16 @@ def synthetic_pages(num_pages: int, tokens: int, channels: int, seed: int) -> to
     return ((base + walk) * scale).reshape(num_pages, tokens * channels)
 
 
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    """'16x8x128' -> (16, 8, 128); a clear error for anything else."""
+    parts = shape.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"a synthetic shape is TOKENSxHEADSxHEAD_SIZE of positive integers, got {shape!r}")
+    tokens, heads, head_size = (int(p) for p in parts)
+    return tokens, heads, head_size
+
+
 def tiled(pages: torch.Tensor, num_pages: int) -> torch.Tensor:
     """Repeats real pages up to num_pages so the batch fills the GPU."""
     reps = -(-num_pages // pages.shape[0])
@@ -157,6 +167,9 @@ def main() -> None:
     parser.add_argument("--kv-pages", type=Path, help="output of extract_kv_pages.py")
     parser.add_argument("--out", type=Path, required=True, help="path prefix for .json/.png")
     parser.add_argument("--num-pages", type=int, default=8192)
+    parser.add_argument("--synthetic-shapes", nargs="+", type=parse_shape, default=[(16, 8, 128)],
+                        help="synthetic page shapes, block size x KV heads x head size "
+                             "(16x8x128 is one layer's K or V block of Llama-3-8B)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=[m.name.lower() for m in CodecMode])
     parser.add_argument("--rel-ebs", nargs="+", type=float, default=[1e-1, 1e-2, 1e-3, 1e-4])
@@ -165,8 +178,10 @@ def main() -> None:
     args = parser.parse_args()
 
     sources: list[tuple[str, torch.Tensor, int, list[int]]] = []
-    synthetic = synthetic_pages(args.num_pages, 16, 8 * 128, seed=0)
-    sources.append(("synthetic 16x8x128", synthetic, args.num_pages, [1, 16]))
+    for tokens, heads, head_size in args.synthetic_shapes:
+        synthetic = synthetic_pages(args.num_pages, tokens, heads * head_size, seed=0)
+        sources.append((f"synthetic {tokens}x{heads}x{head_size}", synthetic, args.num_pages,
+                        [1, tokens]))
     if args.kv_pages:
         real = torch.load(args.kv_pages)
         for kind in ("key", "value"):

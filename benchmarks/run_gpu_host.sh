@@ -17,6 +17,8 @@
 #       host cache filling vs evicting (scheduler, worker and GPU under one profiler)
 #   bash benchmarks/run_gpu_host.sh profile    # Nsight Compute on one compress and decompress launch
 #   bash benchmarks/run_gpu_host.sh sass       # the same launches, counts and stalls per SASS instruction
+#       (PROFILE_ARGS: extra arguments for benchmark_codec.py in profile and sass,
+#       e.g. "--synthetic-shapes 16x12x32" to profile small pages)
 #   bash benchmarks/run_gpu_host.sh racecheck  # compute-sanitizer racecheck on the memcheck driver
 #   bash benchmarks/run_gpu_host.sh fidelity   # carry .gpu/fidelity: train + evaluate
 #   bash benchmarks/run_gpu_host.sh examples   # carry .gpu/fidelity: examples/ on the test model
@@ -155,7 +157,7 @@ profile() {
   command -v ncu > /dev/null || { echo "ncu not found"; status=1; return; }
   ncu --set full --kernel-name regex:"compress_kernel|decompress_kernel" --launch-count 2 \
     --csv --page details python3 benchmarks/benchmark_codec.py --out "$OUT/profile_codec" \
-    --dtypes bf16 --modes plain --rel-ebs 1e-2 --warmup 0 --iters 1 \
+    --dtypes bf16 --modes plain --rel-ebs 1e-2 --warmup 0 --iters 1 ${PROFILE_ARGS:-} \
     > "$OUT/ncu_codec.csv" 2> "$OUT/ncu_codec.log" || status=1
   grep -E '"(Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Issue Slots Busy|Warp Cycles Per Issued Instruction|Executed Ipc Active)"' \
     "$OUT/ncu_codec.csv" | cut -d, -f5,13- | head -40
@@ -168,7 +170,7 @@ sass() {
   ncu --section SourceCounters --section WarpStateStats --kernel-name regex:"compress_kernel|decompress_kernel" \
     --launch-count 2 --csv --page source --print-source sass \
     python3 benchmarks/benchmark_codec.py --out "$OUT/sass_codec" --dtypes bf16 --modes plain \
-    --rel-ebs 1e-2 --warmup 0 --iters 1 > "$OUT/ncu_sass.csv" 2> "$OUT/ncu_sass.log" || status=1
+    --rel-ebs 1e-2 --warmup 0 --iters 1 ${PROFILE_ARGS:-} > "$OUT/ncu_sass.csv" 2> "$OUT/ncu_sass.log" || status=1
   gzip -f "$OUT/ncu_sass.csv"
   tail -3 "$OUT/ncu_sass.log"
 }
