@@ -9,6 +9,8 @@
 #       runs the kernel tests (CPU vs GPU byte identity) and compute-sanitizer memcheck
 #   bash benchmarks/run_gpu_host.sh codec      # carry .gpu/kv_pages.pt: codec benchmark
 #       (CODEC_ARGS: extra arguments for benchmarks/benchmark_codec.py)
+#   bash benchmarks/run_gpu_host.sh compare    # COMPARE_PATCH=FILE: the codec benchmark of this
+#       tree and of a patched copy, alternately in one call (after `build`)
 #   bash benchmarks/run_gpu_host.sh vllm       # carry .gpu/deps.tar.xz .gpu/fa3.xz .gpu/fidelity
 #       the offload tests on CPU, then the phases e2e (trains the small test Llama
 #       once, end-to-end tests through vLLM on it) and offload (benchmark_offload.py)
@@ -153,6 +155,39 @@ EOF2
 
 # Nsight Compute on the first compress and decompress launch of a bf16 sweep point
 # (docs/codec.md, "Measurements"): stall reasons, occupancy, memory throughput.
+# The working tree's build ("base", from `build`) against a copy of the tree with
+# COMPARE_PATCH applied ("variant"), the codec benchmark run in ABBA order
+# COMPARE_ROUNDS times (default 1) with CODEC_ARGS, and benchmarks/compare_codec.py's
+# table of variant / base. Timing only: the variant's tests run by applying the patch
+# to the tree and calling `build`.
+compare() {
+  [ -f "${COMPARE_PATCH:-}" ] || { echo "compare: set COMPARE_PATCH to a patch file"; status=1; return; }
+  local variant=build/compare-variant kv_pages=() base=() other=()
+  rm -rf "$variant" && mkdir -p "$variant"
+  tar cf - --exclude=./build --exclude=./.gpu --exclude='./vllm_kvcompress/_C*.so' . \
+    | tar xf - -C "$variant"
+  patch -s -p1 -d "$variant" < "$COMPARE_PATCH" || { echo "compare: the patch does not apply"; status=1; return; }
+  { cmake -S "$variant" -B "$variant/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVCOMPRESS_CUDA=ON \
+      -DPython_EXECUTABLE="$(command -v python3)" \
+      -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/$variant/vllm_kvcompress" \
+    && cmake --build "$variant/build" -j "$MAX_JOBS"; } > "$OUT/build_variant.log" 2>&1 \
+    || { echo "compare: the variant does not build (build_variant.log)"; status=1; return; }
+  [ -f .gpu/kv_pages.pt ] && kv_pages=(--kv-pages "$PWD/.gpu/kv_pages.pt")
+  run_codec() {  # run_codec TREE NAME
+    # shellcheck disable=SC2086  # CODEC_ARGS is a list of words
+    PYTHONPATH="$PWD/$1:$PYTHONPATH" python3 "$1/benchmarks/benchmark_codec.py" "${kv_pages[@]}" \
+      --out "$OUT/$2" ${CODEC_ARGS:-} > "$OUT/$2.log" 2>&1 || status=1
+  }
+  for round in $(seq "${COMPARE_ROUNDS:-1}"); do
+    run_codec . "base_${round}a"; run_codec "$variant" "variant_${round}a"
+    run_codec "$variant" "variant_${round}b"; run_codec . "base_${round}b"
+    base+=("$OUT/base_${round}a.json" "$OUT/base_${round}b.json")
+    other+=("$OUT/variant_${round}a.json" "$OUT/variant_${round}b.json")
+  done
+  python3 benchmarks/compare_codec.py --base "${base[@]}" --variant "${other[@]}" \
+    --out "$OUT/compare.json" | tee "$OUT/compare.txt" | tail -40
+}
+
 profile() {
   command -v ncu > /dev/null || { echo "ncu not found"; status=1; return; }
   ncu --set full --kernel-name regex:"compress_kernel|decompress_kernel" --launch-count 2 \
@@ -286,6 +321,7 @@ for phase in "${@:-build}"; do
     build) build || exit 1 ;;
     kernels) ;;
     codec) codec ;;
+    compare) compare ;;
     vllm) vllm_phase ;;
     e2e) e2e ;;
     offload) offload ;;

@@ -1,8 +1,9 @@
-"""benchmarks/benchmark_codec.py's page shapes: the synthetic pages it times have the
-shape asked for, and a malformed shape is refused when the arguments are parsed (the
+"""benchmarks/benchmark_codec.py's page shapes are parsed or refused with a clear
+error, and benchmarks/compare_codec.py pairs two builds' runs by configuration (the
 timing itself needs a GPU and runs on the GPU host)."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,3 +22,28 @@ def test_shapes_parse(text: str, shape: tuple[int, int, int]) -> None:
 def test_malformed_shapes_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="TOKENSxHEADSxHEAD_SIZE"):
         benchmark_codec.parse_shape(text)
+
+
+def test_compare_pairs_configurations_and_takes_medians(tmp_path: Path) -> None:
+    compare_codec = pytest.importorskip("compare_codec")
+
+    def run(name: str, compress: float, decompress: float, copy: float = 1000.0) -> Path:
+        rows = [{"source": "synthetic 16x8x128", "dtype": "bf16", "mode": "plain", "rows": 1,
+                 "rel_eb": 1e-2, "compress_gbps": compress, "decompress_gbps": decompress,
+                 "copy_gbps": copy},
+                {"source": "only in base", "dtype": "bf16", "mode": "plain", "rows": 1,
+                 "rel_eb": 1e-2, "compress_gbps": 1.0, "decompress_gbps": 1.0, "copy_gbps": 1.0}]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": rows if name.startswith("base") else rows[:1]}))
+        return path
+
+    base = compare_codec.median_rates([run("base_a", 900, 1400), run("base_b", 1000, 1500),
+                                       run("base_c", 1100, 1300)])
+    variant = compare_codec.median_rates([run("variant_a", 1200, 1500, 800)])
+    (row,) = compare_codec.compare(base, variant)
+    assert row["base_compress_gbps"] == 1000 and row["base_decompress_gbps"] == 1400
+    assert row["compress_ratio"] == pytest.approx(1.2)
+    assert row["decompress_ratio"] == pytest.approx(1500 / 1400)
+    assert row["copy_ratio"] == pytest.approx(0.8)
+    with pytest.raises(SystemExit, match="share no configuration"):
+        compare_codec.compare(base, {("other",): variant[next(iter(variant))]})
