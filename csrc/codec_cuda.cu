@@ -1653,17 +1653,21 @@ struct DecompressArgs {
   bool allow_padding;
 };
 
-// Moves one page between shared memory and its (possibly unaligned) global home.
+// Moves one page between shared memory and its (possibly unaligned) global home: 16
+// bytes at a time when both ends are 16-byte aligned, then the values past the last
+// whole 16 bytes (all of them otherwise) one at a time.
 template <typename T>
 __device__ void copy_page(uint8_t* dst, const uint8_t* src, uint32_t n) {
-  const uint32_t bytes = n * sizeof(T);
-  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0 &&
-      bytes % 16 == 0) {
-    copy_words(dst, src, bytes);
-  } else {
-    for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
-      reinterpret_cast<T*>(dst)[i] = reinterpret_cast<const T*>(src)[i];
+  uint32_t done = 0;
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+    const uint32_t vecs = n * sizeof(T) / 16;
+    for (uint32_t i = threadIdx.x; i < vecs; i += kThreads) {
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
     }
+    done = vecs * 16 / sizeof(T);
+  }
+  for (uint32_t i = done + threadIdx.x; i < n; i += kThreads) {
+    reinterpret_cast<T*>(dst)[i] = reinterpret_cast<const T*>(src)[i];
   }
 }
 
@@ -1928,6 +1932,9 @@ __device__ __forceinline__ void offset_binary_planes(uint32_t (&x)[8]) {
 // 2^23 + 128 leaves d = u - 128, exactly: one byte permute and one f32 add a value, as
 // many as a sign-extending permute and an integer conversion, but the add issues to
 // the FMA pipe while the transpose and the sign planes keep the integer pipe busy.
+// 2^23 is the permute's first operand, u the second: with u first, ptxas kept 2^23 as
+// the instruction's immediate and moved the selector into a register before each of
+// the 32 permutes of a rows-1 block (30 instructions a run of 32 on sm_90).
 constexpr uint32_t kMagicBits = 0x4B000000u;  // 2^23 as f32
 constexpr float kMagicOffset = 8388736.0f;    // 2^23 + 128
 
@@ -1959,7 +1966,7 @@ __device__ __forceinline__ void lane_values(uint32_t (&u)[8], uint32_t outlier, 
     for (int h = 0; h < 2; ++h) {
       const int i = Halves ? 16 * h + k : 2 * k + h, chain = Halves ? h : 0;
       const float d = __fsub_rn(
-          __uint_as_float(__byte_perm(u[i % 8], kMagicBits, 0x7440 | (i / 8))), kMagicOffset);
+          __uint_as_float(__byte_perm(kMagicBits, u[i % 8], 0x3004 + i / 8)), kMagicOffset);
       if constexpr (Mode == kFixed) {
         sum[chain] = d;
       } else if (Mode == kPlain && i == 0) {
@@ -1984,50 +1991,57 @@ __device__ __forceinline__ uint32_t packed_pair(float lo, float hi) {
   }
 }
 
-// decompress_kernel's destination page, published by the page's barrier. At file
-// scope so that DirectSink::after_groups reads it where it needs it instead of
-// holding it in registers across the warp path (held, it was spilled on sm_100).
-__shared__ uint8_t* dst_s;
-
-// Where decode_chunks puts a lane's block when rows is 1: straight into the
-// destination page (16-byte aligned), whose bytes for block j are the block's 32
-// values in order, with no staging and no copy-out.
+// Where decode_chunks puts a lane's block when rows is 1: the staged page in memory
+// order, block j's values from byte j * 32 * sizeof(T), kChunks 16-byte chunks (4,
+// fp32 8), which the CTA copies out with the rest of the page after the block loop in
+// coalesced 16-byte stores (stored straight into the destination, each lane's block
+// 64 bytes from the next, every store instruction touched 16 cache lines). A 16-byte
+// shared store is served a quarter of the warp (8 lanes, 128 bytes) at a time; stored
+// in the same order, the chunks of 8 consecutive blocks would fall in 2 (fp32: 1) of
+// a row's 8 bank quads, 4-way (8-way) conflicts. Lane i stores, at step p, its chunk
+// p ^ x with x = i / 2 mod 4 (fp32 i mod 4), so the 8 lanes of a quarter write 8
+// different quads (fp32 4: 2-way conflicts). Putting the chunks in that order costs a
+// select a word for each of the two bits of x: 32 a block, fp32 64. A third bit for
+// fp32 (conflict-free, 96 selects) spilled 16 bytes on sm_90.
 template <uint8_t Code>
-struct DirectSink {
+struct Rows1Sink {
   using T = typename CudaType<Code>::type;
   static constexpr bool kHalves = false;
-  uint8_t* dst;  // dst_s, 16-byte aligned
+  static constexpr int kChunks = kBlockValues * sizeof(T) / 16;
+  uint32_t base;  // shared address of the staged page
   __device__ __forceinline__ void store(uint32_t j, const float (&y)[kBlockValues]) const {
-    uint4* out = reinterpret_cast<uint4*>(dst + static_cast<size_t>(j) * kBlockValues * sizeof(T));
-    if constexpr (sizeof(T) == 2) {
+    uint32_t w[kChunks][4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        out[k] = make_uint4(packed_pair<Code>(y[8 * k], y[8 * k + 1]),
-                            packed_pair<Code>(y[8 * k + 2], y[8 * k + 3]),
-                            packed_pair<Code>(y[8 * k + 4], y[8 * k + 5]),
-                            packed_pair<Code>(y[8 * k + 6], y[8 * k + 7]));
-      }
-    } else {
+    for (int k = 0; k < kChunks; ++k) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        out[k] = make_uint4(__float_as_uint(y[4 * k]), __float_as_uint(y[4 * k + 1]),
-                            __float_as_uint(y[4 * k + 2]), __float_as_uint(y[4 * k + 3]));
+      for (int e = 0; e < 4; ++e) {
+        if constexpr (sizeof(T) == 2) {
+          w[k][e] = packed_pair<Code>(y[8 * k + 2 * e], y[8 * k + 2 * e + 1]);
+        } else {
+          w[k][e] = __float_as_uint(y[4 * k + e]);
+        }
       }
     }
-  }
-  // Blocks [j0, end) went through the warp path, which stages them (memory order):
-  // the warp copies their values out itself.
-  __device__ __forceinline__ void after_groups(uint32_t j0, uint32_t end, uint32_t n) const {
-    __syncwarp();
-    const uint32_t lane = threadIdx.x & 31;
-    const uint32_t begin = j0 * kBlockValues * sizeof(T);
-    const uint32_t stop = min(end * kBlockValues, n) * static_cast<uint32_t>(sizeof(T));
-    const uint32_t vec_stop = begin + (stop - begin) / 16 * 16;
-    for (uint32_t at = begin + 16 * lane; at < vec_stop; at += 16 * 32) {
-      *reinterpret_cast<uint4*>(dst_s + at) = *reinterpret_cast<const uint4*>(smem + at);
+    const uint32_t x = (threadIdx.x & 31) * kChunks / 8 % 4;
+    // Chunk k moves to place k ^ x (within its four), one bit of x at a time.
+#pragma unroll
+    for (int b = 1; b < 4; b <<= 1) {
+      const bool swap = (x & b) != 0;
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+        if (k & b) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const uint32_t lo = w[k][e], hi = w[k | b][e];
+          w[k][e] = swap ? hi : lo;
+          w[k | b][e] = swap ? lo : hi;
+        }
+      }
     }
-    for (uint32_t at = vec_stop + sizeof(T) * lane; at < stop; at += sizeof(T) * 32) {
-      *reinterpret_cast<T*>(dst_s + at) = *reinterpret_cast<const T*>(smem + at);
+    const uint32_t at = base + j * kChunks * 16;
+#pragma unroll
+    for (int p = 0; p < kChunks; ++p) {
+      store_shared_vec(at + 16 * (p ^ x), make_uint4(w[p][0], w[p][1], w[p][2], w[p][3]));
     }
   }
 };
@@ -2054,7 +2068,6 @@ struct Rows16Sink {
       }
     }
   }
-  __device__ __forceinline__ void after_groups(uint32_t, uint32_t, uint32_t) const {}
 };
 
 // The block loop of a page whose rows is 1 or 16: the warp takes its run 32 blocks
@@ -2113,22 +2126,18 @@ __device__ void decode_chunks(const DecodeSource& s, const PageGeometry& g, uint
                                      held & ((1u << kDeferredBlockShift) - 1u),
                                      stream_cursor(g, j0 * kBlockValues + lane, kBlockValues),
                                      step, n);
-    sink.after_groups(j0, end, n);
   }
 }
 
-// How a page's block loop stores its values: staged in shared memory and copied out
-// after the loop by the whole CTA, the warp path for every block (any rows); straight
-// into a 16-byte aligned destination page (rows 1); staged, a lane a block where the
-// widths allow (rows 16, pitch a multiple of 4 bytes).
-enum class PageLayout : uint8_t { kStaged, kDirect, kRows16 };
+// How a page's block loop stages its values in shared memory, which the whole CTA
+// copies out after the loop: the warp path for every block (any rows); a lane a
+// block where the widths allow, in memory order (rows 1) or in column pairs (rows 16,
+// pitch a multiple of 4 bytes).
+enum class PageLayout : uint8_t { kStaged, kRows1, kRows16 };
 
-// From the page's geometry and destination as published in shared memory: the
-// kernel asks again after the block loop rather than hold the answer across it
-// (held, it was spilled on sm_80 and sm_89).
-__device__ __forceinline__ PageLayout page_layout(const PageGeometry& g, uint32_t elem_bytes,
-                                                  const uint8_t* dst) {
-  if (g.rows.d == 1 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) return PageLayout::kDirect;
+// From the page's geometry as published in shared memory.
+__device__ __forceinline__ PageLayout page_layout(const PageGeometry& g, uint32_t elem_bytes) {
+  if (g.rows.d == 1) return PageLayout::kRows1;
   if (g.rows.d == 16 && g.pitch * elem_bytes % 4 == 0) return PageLayout::kRows16;
   return PageLayout::kStaged;
 }
@@ -2149,10 +2158,10 @@ __device__ __forceinline__ uint2 warp_chunks(uint32_t num_blocks, int warp) {
 // the wrap test on every block.
 template <uint8_t Code, uint8_t Mode>
 __device__ void decode_page(const DecodeSource& s, const PageGeometry& g, PageLayout layout,
-                            uint8_t* dst, uint2 run, uint32_t run_at, float step, uint32_t n) {
+                            uint2 run, uint32_t run_at, float step, uint32_t n) {
   using T = typename CudaType<Code>::type;
-  if (layout == PageLayout::kDirect) {
-    decode_chunks<Code, Mode>(s, g, run, run_at, step, n, DirectSink<Code>{dst});
+  if (layout == PageLayout::kRows1) {
+    decode_chunks<Code, Mode>(s, g, run, run_at, step, n, Rows1Sink<Code>{staged_page_address()});
     return;
   }
   if (layout == PageLayout::kRows16) {
@@ -2287,9 +2296,8 @@ __device__ void decode_outliers(const uint8_t* widths, const uint8_t* outliers, 
 // knows the first plane word and outlier byte of its own run of groups and walks
 // them: no per-block table of offsets, no block-wide scan. The same barrier ORs
 // the width checks and publishes the destination page, found once by thread 0 (its
-// 64-bit divisions are not every thread's). Pages whose rows is 1 and whose
-// destination is 16-byte aligned are stored by the block loop itself: no barrier
-// and no copy-out after it.
+// 64-bit divisions are not every thread's). The block loop stages the page in shared
+// memory, and after a second barrier the CTA copies it out.
 template <uint8_t Code>
 __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs a) {
   using C = CudaType<Code>;
@@ -2297,6 +2305,7 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   __shared__ uint2 warp_totals[kWarps];         // checksum sum, counts
   __shared__ uint32_t counts_before[kThreads];  // counts of the warp's lanes below
   __shared__ PageGeometry geometry_s;
+  __shared__ uint8_t* dst_s;
   const SharedLayout L = shared_layout(a.page_smem_bytes, a.n);
   uint8_t* widths = smem + L.widths_at();
   uint32_t* outl = reinterpret_cast<uint32_t*>(smem + L.outl_at());
@@ -2347,7 +2356,7 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   const bool any_malformed = __syncthreads_or(malformed);
 
   // Garbage for a page whose rows is invalid, which check_payload rejects below.
-  const PageLayout layout = page_layout(geometry_s, sizeof(T), dst_s);
+  const PageLayout layout = page_layout(geometry_s, sizeof(T));
   // The warp's run and the thread that holds its first block's width byte.
   const uint2 run = layout == PageLayout::kStaged ? warp_blocks(B, warp) : warp_chunks(B, warp);
   const uint32_t holder = run.x / 16;
@@ -2394,18 +2403,13 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   const uint32_t run_at = run_counts & kWordCountMask;
   switch (h.mode) {
     case kFixed:
-      decode_page<Code, kFixed>(source, geometry_s, layout, dst_s, run, run_at, h.step, a.n);
+      decode_page<Code, kFixed>(source, geometry_s, layout, run, run_at, h.step, a.n);
       break;
     case kPlain:
-      decode_page<Code, kPlain>(source, geometry_s, layout, dst_s, run, run_at, h.step, a.n);
+      decode_page<Code, kPlain>(source, geometry_s, layout, run, run_at, h.step, a.n);
       break;
     default:
-      decode_page<Code, kOutlier>(source, geometry_s, layout, dst_s, run, run_at, h.step, a.n);
-  }
-  // Rows 1: the block loop stored every block in the destination itself.
-  if (page_layout(geometry_s, sizeof(T), dst_s) == PageLayout::kDirect) {
-    if (threadIdx.x == 0) a.status[idx] = kOk;
-    return;
+      decode_page<Code, kOutlier>(source, geometry_s, layout, run, run_at, h.step, a.n);
   }
   __syncthreads();
   // The destination and the geometry read only now: held in registers across the

@@ -129,9 +129,10 @@ def main() -> None:
                 decompress_pages(CompressedPages(c.buffer.cuda(), c.table.cuda()), dst,
                                  torch.arange(8, device="cuda"))
     # Runs of 32 blocks decoded a lane a block (rows 1 and 16) beside runs left to the
-    # warp path: rows 1 stores straight into 16-byte aligned pages and copies the
-    # warp path's runs out a warp at a time; last runs ending before the last lane,
-    # partial last blocks, unaligned destinations; valid, forged and damaged records.
+    # warp path, staged in memory order (rows 1, lanes storing their chunks in a
+    # lane-dependent order) or in column pairs (rows 16) and copied out by the CTA;
+    # last runs ending before the last lane, partial last blocks, unaligned
+    # destinations; valid, forged and damaged records.
     for dtype in (torch.bfloat16, torch.float32):
         for mode in CodecMode:
             for n, rows in ((16384, 1), (2272, 16), (16390, 1), (16400, 16)):

@@ -292,9 +292,9 @@ def test_lane_per_block_runs_match_cpu(dtype, mode, n, rows):
     the lanes past them store nothing); a partial last block in rows 1 (16390) and, for
     fp32, in rows 16 with an odd row length (16400: 16-bit pages of that shape go
     through the warp path); a page of one run (1024: one warp decodes, seven have no
-    blocks). Destinations 16-byte aligned (rows 1 stores straight into the page) and
-    not (staged): bit-identical to the CPU decoder, and nothing written outside the
-    pages."""
+    blocks). Destinations 16-byte aligned and not (the copy-out of the staged page
+    stores 16 bytes at a time or one value at a time): bit-identical to the CPU
+    decoder, and nothing written outside the pages."""
     pages = runs_of_32(6, n, rows, dtype, 0.01, seed=n + rows)
     ids = torch.tensor([4, 0, 5, 2, 1, 3])
     cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, rows))
@@ -313,6 +313,56 @@ def test_lane_per_block_runs_match_cpu(dtype, mode, n, rows):
         outside = torch.cat([full[:, :offset], full[:, offset + n:]], 1)
         assert (outside == 3.0).all(), offset
 
+
+def lane_and_warp_runs(pages: CompressedPages, page: int) -> tuple[int, int]:
+    """How many of a compressed page's runs of 32 blocks the rows-1 and rows-16
+    decoder gives a lane a block (every width at most 7, no partial last block) and
+    how many it leaves to the warp path."""
+    offset = int(pages.table[page, 0])
+    header = ref.parse_header(bytes(pages.buffer[offset:offset + ref.HEADER_BYTES].tolist()))
+    n, blocks = header["n"], -(-header["n"] // 32)
+    widths = pages.buffer[offset + ref.HEADER_BYTES:offset + ref.HEADER_BYTES + blocks] & 31
+    lane = warp = 0
+    for j0 in range(0, blocks, 32):
+        run = widths[j0:j0 + 32]
+        partial = n % 32 != 0 and j0 + len(run) == blocks
+        if partial or int(run.max()) > 7:
+            warp += 1
+        else:
+            lane += 1
+    return lane, warp
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n", [16384, 16390, 2272])
+def test_staged_rows_1_pages_land_among_untouched_pages(dtype, mode, n):
+    """Rows 1 pages are staged in shared memory (runs of 32 blocks a lane a block, in
+    a lane-dependent chunk order, beside runs left to the warp path) and copied out
+    by the whole CTA. Pages that mix both kinds of run (checked on the CPU stream),
+    a partial last block (16390 values, whose byte count is not a multiple of 16: the
+    copy-out's value-by-value tail) and a last run that ends before the last lane
+    (2272), decoded into scattered pages of a larger destination, 16-byte aligned
+    (all pages at 16384 values, some at 16390) and not: bit-identical to the CPU
+    decoder, every other page and the gaps between pages untouched."""
+    pages = runs_of_32(6, n, 1, dtype, 0.01, seed=n + 5)
+    ids = torch.tensor([3, 1, 5, 0, 4, 2])
+    cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, 1))
+    assert_same_stream(cpu, gpu)
+    runs = [lane_and_warp_runs(cpu, p) for p in range(6) if int(cpu.table[p, 2]) == 0]
+    assert any(lane > 0 and warp > 0 for lane, warp in runs)
+    targets = torch.tensor([9, 2, 14, 5, 11, 0])
+    expected = torch.full((16, n), 3.0, dtype=dtype)
+    assert (decompress_pages(cpu, expected, targets) == DecodeStatus.OK).all()
+    for offset in (0, 1):
+        full = torch.full((16, n + 8), 3.0, dtype=dtype, device="cuda")
+        dst = full[:, offset:offset + n]
+        status = decompress_pages(gpu, dst, targets.cuda())
+        assert (status == DecodeStatus.OK).all()
+        got = dst.cpu().contiguous()
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), offset
+        outside = torch.cat([full[:, :offset], full[:, offset + n:]], 1)
+        assert (outside == 3.0).all(), offset
 
 def narrow_with_spike(num_pages: int, n: int, seed: int) -> torch.Tensor:
     """fp32 pages whose groups are all narrow at an absolute bound of 1, so that
@@ -404,8 +454,8 @@ def test_forged_width_sections_match_cpu(mode, kind, dtype, n, rows):
     (ignored), and width bytes moved between blocks (valid lengths, so the page
     decodes, from offsets only a correct count finds). Pages of 512, 71, 33 and 4
     blocks; zero pages among them have payloads shorter than one 16-byte vector. The
-    bf16 pages of 512 narrow blocks are decoded a lane a block, staged (rows 16) and
-    stored straight into the destination (rows 1)."""
+    bf16 pages of 512 narrow blocks are decoded a lane a block, staged in column pairs
+    (rows 16) and in memory order (rows 1)."""
     g = torch.Generator().manual_seed(n + rows)
     pages = mixed_widths(8, n, rows, dtype, 0.01, seed=n)
     pages[6] = 0
