@@ -21,10 +21,13 @@ from pathlib import Path
 
 KEY_FIELDS = ("source", "dtype", "mode", "rows", "rel_eb", "codec_warps")
 RATE_FIELDS = ("compress_gbps", "decompress_gbps", "copy_gbps")
+# A build older than KVCOMPRESS_CODEC_WARPS writes no codec_warps: it ran the
+# automatic CTA size (0).
+KEY_DEFAULTS = {"codec_warps": 0}
 
 
 def config_key(row: dict) -> tuple:
-    return tuple(row.get(f) for f in KEY_FIELDS)
+    return tuple(row.get(f, KEY_DEFAULTS.get(f)) for f in KEY_FIELDS)
 
 
 def median_rates(paths: list[Path]) -> dict[tuple, dict[str, float]]:

@@ -45,5 +45,11 @@ def test_compare_pairs_configurations_and_takes_medians(tmp_path: Path) -> None:
     assert row["compress_ratio"] == pytest.approx(1.2)
     assert row["decompress_ratio"] == pytest.approx(1500 / 1400)
     assert row["copy_ratio"] == pytest.approx(0.8)
+    # A build that names its automatic CTA size (0) pairs with one that predates it.
+    named = tmp_path / "variant_named.json"
+    row = json.loads(run("variant_b", 1100, 1400).read_text())["rows"][0]
+    named.write_text(json.dumps({"rows": [{**row, "codec_warps": 0}]}))
+    (paired,) = compare_codec.compare(base, compare_codec.median_rates([named]))
+    assert paired["compress_ratio"] == pytest.approx(1.1)
     with pytest.raises(SystemExit, match="share no configuration"):
         compare_codec.compare(base, {("other",): variant[next(iter(variant))]})
