@@ -20,6 +20,9 @@
 #include <cuda_fp16.h>
 
 #include <cuda/atomic>
+#include <algorithm>
+#include <cstdlib>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <string>
@@ -31,8 +34,12 @@
 namespace kvcompress {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+// Both kernels are built for CTAs of 2, 4 and 8 warps (kCtaWarps; `Warps` in the
+// templates below): one CTA codes one page, and a page of few blocks runs faster in
+// a small CTA, many of them an SM, than in a large one whose warps mostly repeat the
+// per-page work (docs/codec-kernel-notes.md, "CTA size per page size").
+template <int Warps>
+constexpr uint32_t kCtaThreads = 32 * Warps;
 // Decompression decodes blocks in groups of four consecutive blocks, whose width bytes
 // are one aligned word: a warp bit transpose has room for the planes of four blocks
 // of width up to 7, and the width bytes move four at a time. Both kernels split a
@@ -265,7 +272,7 @@ __device__ __forceinline__ uint32_t staged_chunk_offset(const PageGeometry& g, u
   return row * g.pitch * elem_bytes + (k - row * g.row_chunks.d) * 16;
 }
 
-// Walks one thread's 16-byte chunks of a padded page, k, k + kThreads, k + 2 kThreads,
+// Walks one thread's 16-byte chunks of a padded page, k, k + T, k + 2 T (T threads),
 // ..., giving each one's staged_chunk_offset with an add and a rare row wrap. Used by
 // compression's staging loop (on sm_90, 106 instructions per four chunks where the
 // division took 127); decompression's copy-out keeps the division, which the
@@ -274,8 +281,8 @@ struct ChunkWalk {
   uint32_t at;          // byte offset of the current chunk
   uint32_t col;         // its chunk within its row
   uint32_t row_chunks;  // chunks of a row
-  uint32_t step_col;    // kThreads mod row_chunks
-  uint32_t step_at;     // offset change of kThreads chunks that stay within the row
+  uint32_t step_col;    // T mod row_chunks
+  uint32_t step_at;     // offset change of T chunks that stay within the row
   uint32_t wrap;        // further offset change when the column passes the row's end
   __device__ __forceinline__ void advance() {
     at += step_at;
@@ -287,8 +294,10 @@ struct ChunkWalk {
   }
 };
 
+template <int Warps>
 __device__ __forceinline__ ChunkWalk chunk_walk(const PageGeometry& g, uint32_t k,
                                                 uint32_t elem_bytes) {
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
   ChunkWalk w;
   w.row_chunks = g.row_chunks.d;
   const uint32_t pitch_bytes = g.pitch * elem_bytes, row = fast_div(g.row_chunks, k);
@@ -370,7 +379,7 @@ __device__ __forceinline__ uint32_t lane_prefix_sum(uint32_t v) {
   return v;
 }
 
-template <typename T, typename Op>
+template <int Warps, typename T, typename Op>
 __device__ T block_reduce(T v, T* scratch, Op op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
@@ -378,13 +387,15 @@ __device__ T block_reduce(T v, T* scratch, Op op) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   v = scratch[0];
-  for (int w = 1; w < kWarps; ++w) v = op(v, scratch[w]);
+  for (int w = 1; w < Warps; ++w) v = op(v, scratch[w]);
   return v;
 }
 
 // Copies `bytes` (a multiple of 4) between word-aligned buffers, 16 bytes at a
 // time when both are 16-byte aligned.
+template <int Warps>
 __device__ void copy_words(uint8_t* dst, const uint8_t* src, uint32_t bytes) {
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
   uint32_t done = 0;
   if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
     done = bytes / 16 * 4;
@@ -401,8 +412,10 @@ __device__ void copy_words(uint8_t* dst, const uint8_t* src, uint32_t bytes) {
 // when both are 16-byte aligned, and returns this thread's checksum terms of the
 // words it copied, word i of `src` at checksum index `first + i`: the words are
 // hashed from the registers they are copied through, not read back from `dst`.
+template <int Warps>
 __device__ uint32_t copy_checksum_words(uint8_t* dst, const uint8_t* src, uint32_t bytes,
                                         uint32_t first) {
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
   uint32_t sum = 0, done = 0;
   if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
     done = bytes / 16 * 4;
@@ -424,7 +437,9 @@ __device__ uint32_t copy_checksum_words(uint8_t* dst, const uint8_t* src, uint32
 // Checksum terms of the `bytes` (a multiple of 4) of shared memory at `words`, word i
 // at checksum index `first + i`: the widths section, hashed where pass 1 left it
 // before the record's offset is known, and copied out with copy_words after it.
+template <int Warps>
 __device__ uint32_t checksum_shared_words(const uint32_t* words, uint32_t bytes, uint32_t first) {
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
   uint32_t sum = 0;
   for (uint32_t i = threadIdx.x; i < bytes / 4; i += kThreads) {
     sum += checksum_term(words[i], first + i);
@@ -559,10 +574,11 @@ __device__ __forceinline__ uint32_t magnitude(uint32_t d) {
 // tie_limit) and no certainly bad value; true (for every thread) if some value fails it.
 // It reads the source page in global memory, in memory order (the order does not
 // matter to an OR): pass 1 may have replaced staged values with plane words.
-template <uint8_t Code>
+template <int Warps, uint8_t Code>
 __device__ bool verify_exact(const typename CudaType<Code>::type* src, uint32_t n,
                              const PageQuant& pq) {
   using C = CudaType<Code>;
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
   bool bad = false;
   for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
     const float x = C::to_f32(src[i]);
@@ -582,10 +598,11 @@ __device__ bool verify_exact(const typename CudaType<Code>::type* src, uint32_t 
 // warps. The last run may end up to three blocks past num_blocks: those padding
 // blocks have width 0 (compression writes their width bytes, the width section's
 // padding).
+template <int Warps>
 __device__ __forceinline__ uint2 warp_blocks(uint32_t num_blocks, int warp) {
   const uint32_t groups = (num_blocks + kGroupBlocks - 1) / kGroupBlocks;
-  return make_uint2(warp * groups / kWarps * kGroupBlocks,
-                    (warp + 1) * groups / kWarps * kGroupBlocks);
+  return make_uint2(warp * groups / Warps * kGroupBlocks,
+                    (warp + 1) * groups / Warps * kGroupBlocks);
 }
 
 // Plane words of each block of a group, one a byte (block_words: f + 1, or 0 when
@@ -1356,16 +1373,18 @@ using ChunkRange = std::conditional_t<
     Code == kFp32, FloatRange,
     HalfPairRange<std::conditional_t<Code == kFp16, __half2, __nv_bfloat162>>>;
 
-// Five CTAs an SM, as many as shared memory allows for 32 KiB pages; unbounded,
-// ptxas takes 56 registers (four CTAs).
-template <uint8_t Code, uint8_t Mode>
-__global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
+// 40 warps an SM (5 CTAs of 8 warps, as many as shared memory allows for 32 KiB pages,
+// 10 of 4, 20 of 2), 48 registers a thread; unbounded, ptxas takes 56 registers
+// (32 warps).
+template <int Warps, uint8_t Code, uint8_t Mode>
+__global__ void __launch_bounds__(kCtaThreads<Warps>, 40 / Warps) compress_kernel(CompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
-  __shared__ uint32_t scratch[kWarps];
-  __shared__ uint2 warp_sizes[kWarps];  // plane words and outlier bytes of each warp's blocks
-  __shared__ uint32_t warp_check[kWarps];  // each warp's bound checks (size_lane_blocks)
-  __shared__ uint32_t warp_early_sum[kWarps];  // each warp's checksum terms before the wait
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
+  __shared__ uint32_t scratch[Warps];
+  __shared__ uint2 warp_sizes[Warps];  // plane words and outlier bytes of each warp's blocks
+  __shared__ uint32_t warp_check[Warps];  // each warp's bound checks (size_lane_blocks)
+  __shared__ uint32_t warp_early_sum[Warps];  // each warp's checksum terms before the wait
   __shared__ uint32_t page_index;
   __shared__ PageQuant pq_s;
   __shared__ uint64_t offset_s;
@@ -1414,7 +1433,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // the memory system idle for most of a page's staging.
     constexpr int kInFlight = 4;
     const uint32_t chunks = page_bytes / 16;
-    ChunkWalk walk = chunk_walk(g, threadIdx.x, sizeof(T));
+    ChunkWalk walk = chunk_walk<Warps>(g, threadIdx.x, sizeof(T));
     for (uint32_t first = threadIdx.x; first < chunks; first += kThreads * kInFlight) {
       uint4 v[kInFlight];
 #pragma unroll
@@ -1453,8 +1472,8 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   // A raw page's payload is padded to whole words with zeros.
   if (!g.padded && threadIdx.x < L.page_bytes - page_bytes) smem[page_bytes + threadIdx.x] = 0;
   float* fscratch = reinterpret_cast<float*>(scratch);
-  mx = block_reduce(mx, fscratch, [](float x, float y) { return fmaxf(x, y); });
-  mn = block_reduce(mn, fscratch, [](float x, float y) { return fminf(x, y); });
+  mx = block_reduce<Warps>(mx, fscratch, [](float x, float y) { return fmaxf(x, y); });
+  mn = block_reduce<Warps>(mn, fscratch, [](float x, float y) { return fminf(x, y); });
   nonfinite = __syncthreads_or(nonfinite);
   if (threadIdx.x == 0) pq_s = choose_quant(Code, a.relative, a.eb, mx, mn, nonfinite);
   __syncthreads();
@@ -1462,7 +1481,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   // quantisation is read again from shared memory after it: held in registers across
   // the block loops, its raw reason is spilled.
   const PageQuant quant = pq_s;
-  const uint2 run = warp_blocks(B, warp);
+  const uint2 run = warp_blocks<Warps>(B, warp);
   const LaneBlocks lb = lane_blocks<Code>(g, a.n, B);
   const LaneLayout layout = lane_layout(g, sizeof(T));
   uint32_t check = 0;
@@ -1489,7 +1508,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   // the page's bound checks.
   uint2 base = make_uint2(0, 0), totals = make_uint2(0, 0);
   check = 0;
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < Warps; ++w) {
     const uint2 v = warp_sizes[w];
     if (w < warp) {
       base.x += v.x;
@@ -1504,7 +1523,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   // thread) need the whole page checked again in binary64.
   const bool bad = (check & kCheckBad) != 0 ||
                    ((check & kCheckTie) != 0 &&
-                    verify_exact<Code>(reinterpret_cast<const T*>(src_s), a.n, pq));
+                    verify_exact<Warps, Code>(reinterpret_cast<const T*>(src_s), a.n, pq));
 
   // The record's RAW reason and length, the same in every thread (from the shared
   // totals): thread 0 publishes the length at once, every thread knows which kind of
@@ -1537,7 +1556,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
   // payload as it copies it, after the wait.
   uint32_t early = 0;
   if (reason == 0) {
-    early = checksum_shared_words(reinterpret_cast<const uint32_t*>(widths), round_up(B, 4u),
+    early = checksum_shared_words<Warps>(reinterpret_cast<const uint32_t*>(widths), round_up(B, 4u),
                                   kHeaderChecksumWords);
     const uint32_t first = first_plane_index(B, totals.y);
     if (layout == LaneLayout::kRows1) {
@@ -1582,7 +1601,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
         __syncthreads();
       }
     }
-    sum = copy_checksum_words(payload, raw, payload_len_s, kHeaderChecksumWords);
+    sum = copy_checksum_words<Warps>(payload, raw, payload_len_s, kHeaderChecksumWords);
   } else {
     const uint32_t outlier_bytes = round_up(totals.y, 4u);
     // Padding bytes only: the blocks' bytes are written by pass 1 and below, and the
@@ -1611,9 +1630,10 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // write_lane_blocks they would crowd its loop.
     uint8_t* payload_at = a.out + offset_s + kHeaderBytes;
     const uint32_t width_bytes = round_up(B, 4u);
-    copy_words(payload_at, widths, width_bytes);
-    sum += copy_checksum_words(payload_at + width_bytes, stage, round_up(outlier_total_s, 4u),
-                               kHeaderChecksumWords + width_bytes / 4);
+    copy_words<Warps>(payload_at, widths, width_bytes);
+    sum += copy_checksum_words<Warps>(payload_at + width_bytes, stage,
+                                      round_up(outlier_total_s, 4u),
+                                      kHeaderChecksumWords + width_bytes / 4);
   }
   const uint32_t record_end = round_up(kHeaderBytes + payload_len_s, kRecordAlign);
   uint8_t* record_at = a.out + offset_s;
@@ -1621,7 +1641,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
        i += 4 * kThreads) {
     *reinterpret_cast<uint32_t*>(record_at + i) = 0;
   }
-  sum = block_reduce(sum, scratch, [](uint32_t x, uint32_t y) { return x + y; });
+  sum = block_reduce<Warps>(sum, scratch, [](uint32_t x, uint32_t y) { return x + y; });
   if (threadIdx.x == 0) {
     union {
       PageHeader h;
@@ -1630,7 +1650,7 @@ __global__ void __launch_bounds__(kThreads, 5) compress_kernel(CompressArgs a) {
     // The header's fields from shared memory again: held in registers across pass 2
     // they cost outlier mode a spill.
     header.h = make_header(Code, Mode, a.relative, a.n, a.rows, pq_s, reason_s, payload_len_s);
-    for (int w = 0; w < kWarps; ++w) sum += warp_early_sum[w];
+    for (int w = 0; w < Warps; ++w) sum += warp_early_sum[w];
     header.h.checksum = checksum_finish(sum + header_checksum_sum(header.h), header.h.payload_len);
     uint4* header_at = reinterpret_cast<uint4*>(a.out + offset_s);
     header_at[0] = header.v[0];
@@ -1656,8 +1676,9 @@ struct DecompressArgs {
 // Moves one page between shared memory and its (possibly unaligned) global home: 16
 // bytes at a time when both ends are 16-byte aligned, then the values past the last
 // whole 16 bytes (all of them otherwise) one at a time.
-template <typename T>
+template <int Warps, typename T>
 __device__ void copy_page(uint8_t* dst, const uint8_t* src, uint32_t n) {
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
   uint32_t done = 0;
   if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
     const uint32_t vecs = n * sizeof(T) / 16;
@@ -2146,10 +2167,11 @@ __device__ __forceinline__ PageLayout page_layout(const PageGeometry& g, uint32_
 // only the page's last run leaves lanes idle, clamped to the page's last group (the
 // warp path's fetch ahead and decode_outliers rely on runs of whole groups ending at
 // most three blocks past the last block). Warps past the last run get an empty one.
+template <int Warps>
 __device__ __forceinline__ uint2 warp_chunks(uint32_t num_blocks, int warp) {
   const uint32_t chunks = (num_blocks + 31) / 32, end = round_up(num_blocks, kGroupBlocks);
-  return make_uint2(min(warp * chunks / kWarps * 32, end),
-                    min((warp + 1) * chunks / kWarps * 32, end));
+  return make_uint2(min(warp * chunks / Warps * 32, end),
+                    min((warp + 1) * chunks / Warps * 32, end));
 }
 
 // Decodes the warp's run of blocks in mode Mode; the run's first plane word is
@@ -2186,7 +2208,9 @@ __device__ void decode_page(const DecodeSource& s, const PageGeometry& g, PageLa
 // they are parsed from the registers the checksum pass loaded them into instead of
 // being read from global memory again. Vector k is thread k % kThreads's, the last,
 // partial one included.
+template <int Warps>
 __device__ uint32_t checksum_payload(const uint32_t* words, uint32_t count, uint4& first) {
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
   constexpr int kInFlight = 4;
   const uint4* vecs = reinterpret_cast<const uint4*>(words);
   const uint32_t vend = count / 4;
@@ -2226,7 +2250,7 @@ __device__ uint32_t checksum_payload(const uint32_t* words, uint32_t count, uint
 
 // A thread's plane words and outlier bytes counted together: words in the low
 // kOutlierCountShift bits, outlier bytes above. decompress_cuda bounds a page by
-// 16 kThreads - kDecodeAhead blocks; even with malformed width bytes a block counts
+// 16 kCtaThreads<8> - kDecodeAhead blocks; even with malformed width bytes a block counts
 // at most 32 words and 3 bytes, so a page's sums (< 2^17 and < 2^14) fit exactly.
 constexpr int kOutlierCountShift = 18;
 constexpr uint32_t kWordCountMask = (1u << kOutlierCountShift) - 1u;
@@ -2286,8 +2310,9 @@ __device__ void decode_outliers(const uint8_t* widths, const uint8_t* outliers, 
   __syncwarp();
 }
 
-// At least 5 CTAs an SM, as many as shared memory allows for 32 KiB pages: without
-// the bound the two-block loop takes 64 registers (4 CTAs); in 48 it does not spill.
+// At least 40 warps an SM (5 CTAs of 8 warps, as many as shared memory allows for
+// 32 KiB pages, 10 of 4, 20 of 2): without the bound the two-block loop takes 64
+// registers (32 warps); in 48 it does not spill.
 //
 // Per page: every thread checks the record's header itself; one checksum pass also
 // parses and counts the width bytes (thread t holds blocks 16t .. 16t + 15); one
@@ -2298,11 +2323,13 @@ __device__ void decode_outliers(const uint8_t* widths, const uint8_t* outliers, 
 // the width checks and publishes the destination page, found once by thread 0 (its
 // 64-bit divisions are not every thread's). The block loop stages the page in shared
 // memory, and after a second barrier the CTA copies it out.
-template <uint8_t Code>
-__global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs a) {
+template <int Warps, uint8_t Code>
+__global__ void __launch_bounds__(kCtaThreads<Warps>, 40 / Warps)
+    decompress_kernel(DecompressArgs a) {
   using C = CudaType<Code>;
   using T = typename C::type;
-  __shared__ uint2 warp_totals[kWarps];         // checksum sum, counts
+  constexpr uint32_t kThreads = kCtaThreads<Warps>;
+  __shared__ uint2 warp_totals[Warps];          // checksum sum, counts
   __shared__ uint32_t counts_before[kThreads];  // counts of the warp's lanes below
   __shared__ PageGeometry geometry_s;
   __shared__ uint8_t* dst_s;
@@ -2324,8 +2351,8 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   if (threadIdx.x == 0) dst_s = a.dst.page(a.dst_ids[idx]);
   const uint8_t* payload = a.buf + offset + kHeaderBytes;
   uint4 first;
-  uint32_t sum = checksum_payload(reinterpret_cast<const uint32_t*>(payload), h.payload_len / 4,
-                                  first);
+  uint32_t sum = checksum_payload<Warps>(reinterpret_cast<const uint32_t*>(payload),
+                                         h.payload_len / 4, first);
   if (threadIdx.x == 0) sum += header_checksum_sum(h);
 
   // Parsed before the header's own checks have passed, and used only after them.
@@ -2358,11 +2385,12 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
   // Garbage for a page whose rows is invalid, which check_payload rejects below.
   const PageLayout layout = page_layout(geometry_s, sizeof(T));
   // The warp's run and the thread that holds its first block's width byte.
-  const uint2 run = layout == PageLayout::kStaged ? warp_blocks(B, warp) : warp_chunks(B, warp);
+  const uint2 run =
+      layout == PageLayout::kStaged ? warp_blocks<Warps>(B, warp) : warp_chunks<Warps>(B, warp);
   const uint32_t holder = run.x / 16;
   uint32_t total_sum = 0, total_counts = 0, run_counts = counts_before[holder];
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < Warps; ++w) {
     const uint2 t = warp_totals[w];
     total_sum += t.x;
     total_counts += t.y;
@@ -2380,7 +2408,7 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
     return;
   }
   if (h.flags & kFlagRaw) {
-    copy_page<T>(dst_s, payload, a.n);
+    copy_page<Warps, T>(dst_s, payload, a.n);
     if (threadIdx.x == 0) a.status[idx] = kOk;
     return;
   }
@@ -2422,7 +2450,7 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
       reinterpret_cast<uint4*>(dst)[k] = make_uint4(w[0], w[1], w[2], w[3]);
     }
   } else {
-    copy_page<T>(dst, smem, a.n);
+    copy_page<Warps, T>(dst, smem, a.n);
   }
   if (threadIdx.x == 0) a.status[idx] = kOk;
 }
@@ -2434,6 +2462,7 @@ __global__ void __launch_bounds__(kThreads, 5) decompress_kernel(DecompressArgs 
 struct KernelShared {
   uint32_t limit = 0;   // dynamic shared memory a CTA may have
   uint32_t raised = 0;  // the kernel's dynamic shared-memory maximum as set so far
+  std::map<uint32_t, int> resident;  // CTAs an SM holds, by dynamic shared memory
 };
 
 std::mutex& kernel_shared_mutex() {
@@ -2464,6 +2493,15 @@ uint32_t dynamic_shared_memory_limit(Kernel kernel) {
   return kernel_shared(reinterpret_cast<const void*>(kernel)).limit;
 }
 
+// Raises the kernel's dynamic shared-memory maximum to `bytes` unless an earlier call
+// did. The caller holds kernel_shared_mutex().
+void raise_shared_memory(const void* kernel, KernelShared& shared, uint32_t bytes) {
+  if (bytes > shared.raised) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    shared.raised = bytes;
+  }
+}
+
 // Raises the kernel's dynamic shared-memory maximum to `bytes` unless an earlier
 // launch did, or says why the page is too large for `limit`
 // (dynamic_shared_memory_limit).
@@ -2476,11 +2514,28 @@ void prepare_shared_memory(Kernel kernel, uint32_t bytes, uint32_t limit, uint32
                     " bytes of shared memory; this GPU allows " + std::to_string(limit) +
                     ". Use smaller pages (split each KV block into several pages).");
   const std::lock_guard<std::mutex> lock(kernel_shared_mutex());
-  KernelShared& shared = kernel_shared(reinterpret_cast<const void*>(kernel));
-  if (bytes > shared.raised) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    shared.raised = bytes;
-  }
+  const void* k = reinterpret_cast<const void*>(kernel);
+  raise_shared_memory(k, kernel_shared(k), bytes);
+}
+
+// CTAs of `kernel`, `threads` threads and `smem` bytes of dynamic shared memory each,
+// that one SM holds at once, by the runtime's occupancy calculation (registers,
+// shared memory with the driver's reserve a CTA, the CTA and thread limits); 0 when a
+// CTA cannot have that much shared memory. Asked once per kernel, device and size.
+// The kernel's maximum is raised first: the calculation counts no CTA above it.
+template <typename Kernel>
+int resident_ctas(Kernel kernel, int threads, uint32_t smem) {
+  const std::lock_guard<std::mutex> lock(kernel_shared_mutex());
+  const void* k = reinterpret_cast<const void*>(kernel);
+  KernelShared& shared = kernel_shared(k);
+  if (smem > shared.limit) return 0;
+  const auto known = shared.resident.find(smem);
+  if (known != shared.resident.end()) return known->second;
+  raise_shared_memory(k, shared, smem);
+  int ctas = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, k, threads, smem));
+  shared.resident.emplace(smem, ctas);
+  return ctas;
 }
 
 // Calls f with std::integral_constant<uint8_t, mode>: compress_kernel is built per
@@ -2499,6 +2554,114 @@ void dispatch_mode(int64_t mode, F&& f) {
   }
 }
 
+// The CTA sizes both kernels are built for, in warps, smallest first.
+constexpr int kCtaWarps[] = {2, 4, 8};
+constexpr int kCtaSizes = static_cast<int>(std::size(kCtaWarps));
+
+// Calls f with std::integral_constant<int, warps> for a size of kCtaWarps.
+template <typename F>
+void dispatch_cta_warps(int warps, F&& f) {
+  switch (warps) {
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    default:
+      f(std::integral_constant<int, 8>{});
+  }
+}
+
+// KVCOMPRESS_CODEC_WARPS (docs/tuning.md), read at every launch so that tests and
+// benchmarks can change it between calls: unset, empty or 0 for the automatic CTA
+// size (automatic_cta_warps), else the size of kCtaWarps to force.
+int forced_cta_warps() {
+  const char* value = std::getenv("KVCOMPRESS_CODEC_WARPS");
+  const std::string text = value == nullptr ? "" : value;
+  if (text.empty() || text == "0") return 0;
+  int forced = 0;
+  for (const int warps : kCtaWarps) {
+    if (text == std::to_string(warps)) forced = warps;
+  }
+  TORCH_CHECK_VALUE(forced != 0,
+                    "kvcompress: KVCOMPRESS_CODEC_WARPS must be 0 (automatic), 2, 4 or 8 "
+                    "(warps a CTA of the codec kernels), not '" + text + "'");
+  return forced;
+}
+
+// How many CTAs of one size an SM holds for a launch: 0 when that size cannot code
+// the launch's pages.
+struct CtaFit {
+  int warps;
+  int ctas;
+};
+
+// A smaller CTA size is chosen when it keeps at least this percentage of the most
+// busy warps an SM that any size keeps (automatic_cta_warps): 100 takes the smaller
+// size on a tie only. The threshold to tune on the GPU.
+constexpr int kSmallerCtaPercent = 100;
+
+// The automatic CTA size for pages of `num_blocks` blocks (docs/codec-kernel-notes.md,
+// "CTA size per page size"). Warps take whole runs of 32 blocks (a lane a block), so
+// min(warps, runs) warps of a CTA have blocks to code; each size's CTAs an SM times
+// those are its busy warps an SM. The size with the most is chosen, and the smallest
+// that comes close (kSmallerCtaPercent): a smaller CTA repeats the per-page work
+// (header, reductions, barriers, the look-back's wait) in fewer warps, and puts more
+// pages in flight to hide each page's waits. `fits` is ordered as kCtaWarps.
+int automatic_cta_warps(const CtaFit (&fits)[kCtaSizes], uint32_t num_blocks) {
+  const int runs = static_cast<int>((num_blocks + 31) / 32);
+  int best = 0;
+  for (const CtaFit& f : fits) best = std::max(best, std::min(f.warps, runs) * f.ctas);
+  for (const CtaFit& f : fits) {
+    if (f.ctas > 0 && 100 * std::min(f.warps, runs) * f.ctas >= kSmallerCtaPercent * best) {
+      return f.warps;
+    }
+  }
+  // No size holds the page: the launch says why.
+  return kCtaWarps[kCtaSizes - 1];
+}
+
+// The shared memory of compress_kernel<Warps, Code, Mode> for args.n values a page:
+// the page padded in shared memory (page_geometry) when there is room, not padded
+// otherwise (bank conflicts are slower, not wrong). Sets args.geometry and
+// args.page_smem_bytes; `aligned`: every source page is 16-byte aligned.
+template <int Warps, uint8_t Code, uint8_t Mode>
+uint32_t compress_shared_memory(CompressArgs& args, bool aligned) {
+  const int elem = sizeof(typename CudaType<Code>::type);
+  args.geometry = page_geometry(args.n, args.rows, elem, aligned);
+  args.page_smem_bytes = staged_page_bytes(args.geometry, args.n, elem);
+  if (shared_layout(args.page_smem_bytes, args.n).compress_total(Mode == kOutlier) >
+      dynamic_shared_memory_limit(compress_kernel<Warps, Code, Mode>)) {
+    args.geometry = page_geometry(args.n, args.rows, elem, false);
+    args.page_smem_bytes = staged_page_bytes(args.geometry, args.n, elem);
+  }
+  return shared_layout(args.page_smem_bytes, args.n).compress_total(Mode == kOutlier);
+}
+
+// The shared memory of decompress_kernel<Warps, Code> for args.n values a page: room
+// for a padded page when the kernel may have it, padding off otherwise. Sets
+// args.page_smem_bytes and args.allow_padding; `aligned`: every destination page's
+// rows start at 16-byte boundaries (page_views).
+template <int Warps, uint8_t Code>
+uint32_t decompress_shared_memory(DecompressArgs& args, bool aligned) {
+  const int elem = sizeof(typename CudaType<Code>::type);
+  args.allow_padding = aligned;
+  args.page_smem_bytes = max_staged_page_bytes(args.n, elem);
+  if (shared_layout(args.page_smem_bytes, args.n).decompress_total() >
+      dynamic_shared_memory_limit(decompress_kernel<Warps, Code>)) {
+    args.allow_padding = false;
+    args.page_smem_bytes = round_up(args.n * elem, 16);
+  }
+  return shared_layout(args.page_smem_bytes, args.n).decompress_total();
+}
+
+// Whether CTAs of `warps` warps decompress pages of n values: the checksum pass hands
+// each thread 16 width bytes, the block loop reads kDecodeAhead past the last.
+bool decompress_holds(int warps, uint32_t n) {
+  return shared_layout(0, n).num_blocks + kDecodeAhead <= 16u * 32u * static_cast<uint32_t>(warps);
+}
+
 }  // namespace
 
 void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb, bool relative,
@@ -2507,6 +2670,7 @@ void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb
   const c10::cuda::CUDAGuard guard(src.device());
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
                     "kvcompress: out must start at a 16-byte aligned address");
+  const int forced_warps = forced_cta_warps();
   const int64_t num = page_ids.numel();
   const uint32_t n = static_cast<uint32_t>(src.size(1));
   // Look-back flags, then the ticket counter, zeroed on the stream before the launch.
@@ -2529,19 +2693,27 @@ void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb
     const int elem = sizeof(typename CudaType<code>::type);
     dispatch_mode(mode, [&](auto mode_tag) {
       constexpr uint8_t m = decltype(mode_tag)::value;
-      const auto kernel = compress_kernel<code, m>;
-      args.geometry = page_geometry(n, args.rows, elem, aligned);
-      args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
-      const uint32_t limit = dynamic_shared_memory_limit(kernel);
-      if (shared_layout(args.page_smem_bytes, n).compress_total(m == kOutlier) > limit) {
-        // No room for the padding: bank conflicts are slower, not wrong.
-        args.geometry = page_geometry(n, args.rows, elem, false);
-        args.page_smem_bytes = staged_page_bytes(args.geometry, n, elem);
+      int warps = forced_warps;
+      if (warps == 0) {
+        CtaFit fits[kCtaSizes];
+        for (int i = 0; i < kCtaSizes; ++i) {
+          dispatch_cta_warps(kCtaWarps[i], [&](auto warps_tag) {
+            constexpr int w = decltype(warps_tag)::value;
+            CompressArgs probe = args;
+            fits[i] = CtaFit{w, resident_ctas(compress_kernel<w, code, m>, kCtaThreads<w>,
+                                              compress_shared_memory<w, code, m>(probe, aligned))};
+          });
+        }
+        warps = automatic_cta_warps(fits, shared_layout(0, n).num_blocks);
       }
-      const uint32_t smem = shared_layout(args.page_smem_bytes, n).compress_total(m == kOutlier);
-      prepare_shared_memory(kernel, smem, limit, n, elem);
-      kernel<<<static_cast<unsigned>(num), kThreads, smem, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_cta_warps(warps, [&](auto warps_tag) {
+        constexpr int w = decltype(warps_tag)::value;
+        const auto kernel = compress_kernel<w, code, m>;
+        const uint32_t smem = compress_shared_memory<w, code, m>(args, aligned);
+        prepare_shared_memory(kernel, smem, dynamic_shared_memory_limit(kernel), n, elem);
+        kernel<<<static_cast<unsigned>(num), kCtaThreads<w>, smem, stream>>>(args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
 }
@@ -2552,35 +2724,53 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
   const c10::cuda::CUDAGuard guard(dst.device());
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16 == 0,
                     "kvcompress: buf must start at a 16-byte aligned address");
+  const int forced_warps = forced_cta_warps();
   const uint32_t n = static_cast<uint32_t>(dst.size(1));
   DecompressArgs args;
+  bool aligned = false;
   args.buf = buf.data_ptr<uint8_t>();
   args.buf_size = buf.numel();
   args.table = page_table.data_ptr<int64_t>();
   args.table_cols = page_table.size(1);
-  args.dst = page_views<uint8_t*>(dests, &args.allow_padding);
+  args.dst = page_views<uint8_t*>(dests, &aligned);
   args.dst_ids = dst_page_ids.data_ptr<int64_t>();
   args.status = status.data_ptr<int32_t>();
   args.n = n;
+  // The shared-memory limit keeps pages far below what CTAs of 8 warps hold on every
+  // GPU built for; smaller CTAs hold less (decompress_holds).
+  TORCH_CHECK_VALUE(forced_warps == 0 || decompress_holds(forced_warps, n),
+                    "kvcompress: KVCOMPRESS_CODEC_WARPS=" + std::to_string(forced_warps) +
+                    " is too small a CTA to decompress pages of " + std::to_string(n) +
+                    " values; unset it (or set 0) for the automatic size");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kv_dtype(dst.scalar_type(), [&](auto tag) {
     constexpr uint8_t code = decltype(tag)::value;
     const int elem = sizeof(typename CudaType<code>::type);
-    args.page_smem_bytes = max_staged_page_bytes(n, elem);
-    const uint32_t limit = dynamic_shared_memory_limit(decompress_kernel<code>);
-    if (shared_layout(args.page_smem_bytes, n).decompress_total() > limit) {
-      args.allow_padding = false;
-      args.page_smem_bytes = round_up(n * elem, 16);
+    int warps = forced_warps;
+    if (warps == 0) {
+      CtaFit fits[kCtaSizes];
+      for (int i = 0; i < kCtaSizes; ++i) {
+        dispatch_cta_warps(kCtaWarps[i], [&](auto warps_tag) {
+          constexpr int w = decltype(warps_tag)::value;
+          DecompressArgs probe = args;
+          const uint32_t smem = decompress_shared_memory<w, code>(probe, aligned);
+          fits[i] = CtaFit{w, decompress_holds(w, n) ? resident_ctas(decompress_kernel<w, code>,
+                                                                     kCtaThreads<w>, smem)
+                                                     : 0};
+        });
+      }
+      warps = automatic_cta_warps(fits, shared_layout(0, n).num_blocks);
     }
-    const uint32_t smem = shared_layout(args.page_smem_bytes, n).decompress_total();
-    prepare_shared_memory(decompress_kernel<code>, smem, limit, n, elem);
-    // The checksum pass hands each thread 16 width bytes (decompress_kernel); the
-    // shared-memory limit keeps pages far below this on every GPU built for.
-    TORCH_CHECK_VALUE(shared_layout(0, n).num_blocks + kDecodeAhead <= 16u * kThreads,
-                      "kvcompress: pages of " + std::to_string(n) +
-                      " values are too large to decompress on the GPU");
-    decompress_kernel<code><<<static_cast<unsigned>(dst_page_ids.numel()), kThreads, smem, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_cta_warps(warps, [&](auto warps_tag) {
+      constexpr int w = decltype(warps_tag)::value;
+      const auto kernel = decompress_kernel<w, code>;
+      const uint32_t smem = decompress_shared_memory<w, code>(args, aligned);
+      prepare_shared_memory(kernel, smem, dynamic_shared_memory_limit(kernel), n, elem);
+      TORCH_CHECK_VALUE(decompress_holds(w, n), "kvcompress: pages of " + std::to_string(n) +
+                        " values are too large to decompress on the GPU");
+      kernel<<<static_cast<unsigned>(dst_page_ids.numel()), kCtaThreads<w>, smem, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
