@@ -1571,8 +1571,12 @@ __global__ void __launch_bounds__(kCtaThreads<Warps>, 40 / Warps) compress_kerne
   if (lane == 0) warp_early_sum[warp] = early;
   if (warp == 0) {
     __syncwarp();  // thread 0's payload_len_s, to the warp
-    const uint64_t offset =
-        look_back(a.flags, idx, round_up(kHeaderBytes + payload_len_s, kRecordAlign), lane);
+    // Warp 0's lanes are threads 0 to 31: the thread index, where `lane` had ptxas
+    // hold a predicate of it across pass 1 and spill it (fp32 plain in CTAs of 2 and 4
+    // warps, sm_89).
+    const uint64_t offset = look_back(a.flags, idx,
+                                      round_up(kHeaderBytes + payload_len_s, kRecordAlign),
+                                      static_cast<int>(threadIdx.x));
     if (lane == 0) {
       offset_s = offset;
       int64_t* row = a.table + 3 * page_index;
