@@ -43,7 +43,7 @@ constexpr uint32_t kCtaThreads = 32 * Warps;
 // Decompression decodes blocks in groups of four consecutive blocks, whose width bytes
 // are one aligned word: a warp bit transpose has room for the planes of four blocks
 // of width up to 7, and the width bytes move four at a time. Both kernels split a
-// page's blocks between warps in whole groups (warp_blocks).
+// page's blocks between warps in whole groups (warp_blocks, warp_chunks).
 constexpr int kGroupBlocks = 4;
 // Decompression fetches the group it decodes next, up to a group past the last one
 // (which may itself end three blocks past the last block); these width bytes read as
@@ -597,12 +597,27 @@ __device__ bool verify_exact(const typename CudaType<Code>::type* src, uint32_t 
 // own running offsets in the planes and outlier sections and needs no scan across
 // warps. The last run may end up to three blocks past num_blocks: those padding
 // blocks have width 0 (compression writes their width bytes, the width section's
-// padding).
+// padding). This split is even in groups: decompression's warp path, which decodes a
+// group at a time.
 template <int Warps>
 __device__ __forceinline__ uint2 warp_blocks(uint32_t num_blocks, int warp) {
   const uint32_t groups = (num_blocks + kGroupBlocks - 1) / kGroupBlocks;
   return make_uint2(warp * groups / Warps * kGroupBlocks,
                     (warp + 1) * groups / Warps * kGroupBlocks);
+}
+
+// The warp's run when its lanes take a block each (compression, decompression's lane
+// path): whole runs of 32 blocks, so that only the page's last run leaves lanes idle
+// and a CTA codes a page in the fewest rounds of 32 (warp_blocks gave a 192-block
+// page eight warps 24 blocks each: eight rounds where six do), clamped to the page's
+// last group (the warp path's fetch ahead and decode_outliers rely on runs of whole
+// groups ending at most three blocks past the last block). Warps past the last run
+// get an empty one.
+template <int Warps>
+__device__ __forceinline__ uint2 warp_chunks(uint32_t num_blocks, int warp) {
+  const uint32_t chunks = (num_blocks + 31) / 32, end = round_up(num_blocks, kGroupBlocks);
+  return make_uint2(min(warp * chunks / Warps * 32, end),
+                    min((warp + 1) * chunks / Warps * 32, end));
 }
 
 // Plane words of each block of a group, one a byte (block_words: f + 1, or 0 when
@@ -1481,7 +1496,7 @@ __global__ void __launch_bounds__(kCtaThreads<Warps>, 40 / Warps) compress_kerne
   // quantisation is read again from shared memory after it: held in registers across
   // the block loops, its raw reason is spilled.
   const PageQuant quant = pq_s;
-  const uint2 run = warp_blocks<Warps>(B, warp);
+  const uint2 run = warp_chunks<Warps>(B, warp);
   const LaneBlocks lb = lane_blocks<Code>(g, a.n, B);
   const LaneLayout layout = lane_layout(g, sizeof(T));
   uint32_t check = 0;
@@ -2165,17 +2180,6 @@ __device__ __forceinline__ PageLayout page_layout(const PageGeometry& g, uint32_
   if (g.rows.d == 1) return PageLayout::kRows1;
   if (g.rows.d == 16 && g.pitch * elem_bytes % 4 == 0) return PageLayout::kRows16;
   return PageLayout::kStaged;
-}
-
-// The warp's run when its lanes take a block each: whole runs of 32 blocks, so that
-// only the page's last run leaves lanes idle, clamped to the page's last group (the
-// warp path's fetch ahead and decode_outliers rely on runs of whole groups ending at
-// most three blocks past the last block). Warps past the last run get an empty one.
-template <int Warps>
-__device__ __forceinline__ uint2 warp_chunks(uint32_t num_blocks, int warp) {
-  const uint32_t chunks = (num_blocks + 31) / 32, end = round_up(num_blocks, kGroupBlocks);
-  return make_uint2(min(warp * chunks / Warps * 32, end),
-                    min((warp + 1) * chunks / Warps * 32, end));
 }
 
 // Decodes the warp's run of blocks in mode Mode; the run's first plane word is
