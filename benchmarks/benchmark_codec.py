@@ -11,12 +11,18 @@ promised bound. Prints a table and writes JSON and a PNG plot.
 Example::
 
     python benchmarks/benchmark_codec.py --kv-pages .gpu/kv_pages.pt --out results/codec
+
+``--codec-warps 2 4 8`` times every configuration once per CTA size of the codec
+kernels (KVCOMPRESS_CODEC_WARPS, docs/tuning.md; 0 is the automatic size).
 """
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from vllm_kvcompress.codec import (CodecConfig, CodecMode, DecodeStatus, compres
                                    decompress_pages)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CODEC_WARPS = "KVCOMPRESS_CODEC_WARPS"
 
 
 @dataclass
@@ -36,6 +43,7 @@ class Row:
     mode: str
     rows: int
     rel_eb: float
+    codec_warps: int  # KVCOMPRESS_CODEC_WARPS during the run, 0: the automatic CTA size
     num_pages: int
     page_bytes: int
     ratio: float
@@ -84,6 +92,26 @@ def parse_shape(shape: str) -> tuple[int, int, int]:
     return tokens, heads, head_size
 
 
+@contextlib.contextmanager
+def codec_warps(warps: int) -> Iterator[None]:
+    """KVCOMPRESS_CODEC_WARPS set to `warps` (0: the automatic CTA size) while the
+    block runs; the kernels read it at every launch. The previous value afterwards."""
+    before = os.environ.get(CODEC_WARPS)
+    os.environ[CODEC_WARPS] = str(warps)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[CODEC_WARPS]
+        else:
+            os.environ[CODEC_WARPS] = before
+
+
+def current_codec_warps() -> int:
+    """The CTA size KVCOMPRESS_CODEC_WARPS asks for as it is set now, 0 when unset."""
+    return int(os.environ.get(CODEC_WARPS) or 0)
+
+
 def tiled(pages: torch.Tensor, num_pages: int) -> torch.Tensor:
     """Repeats real pages up to num_pages so the batch fills the GPU."""
     reps = -(-num_pages // pages.shape[0])
@@ -91,7 +119,7 @@ def tiled(pages: torch.Tensor, num_pages: int) -> torch.Tensor:
 
 
 def measure(source: str, pages: torch.Tensor, unique: int, config: CodecConfig, dtype: str,
-            warmup: int, iters: int) -> Row:
+            warps: int, warmup: int, iters: int) -> Row:
     num = pages.shape[0]
     ids = torch.arange(num, device="cuda")
     nbytes = pages.numel() * pages.element_size()
@@ -117,7 +145,8 @@ def measure(source: str, pages: torch.Tensor, unique: int, config: CodecConfig, 
     gbps = lambda ms: nbytes / ms / 1e6  # noqa: E731
     return Row(
         source=source, dtype=dtype, mode=config.mode.name.lower(), rows=config.rows,
-        rel_eb=config.error_bound, num_pages=num, page_bytes=pages.shape[1] * pages.element_size(),
+        rel_eb=config.error_bound, codec_warps=warps, num_pages=num,
+        page_bytes=pages.shape[1] * pages.element_size(),
         ratio=ratio, raw_fraction=(table[:, 2] != 0).float().mean().item(),
         max_err_over_bound=over.max().item(), bound_violations=int((err > bound).sum().item()),
         compress_gbps=gbps(t_c), decompress_gbps=gbps(t_d), copy_gbps=gbps(t_copy),
@@ -173,6 +202,11 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=[m.name.lower() for m in CodecMode])
     parser.add_argument("--rel-ebs", nargs="+", type=float, default=[1e-1, 1e-2, 1e-3, 1e-4])
+    parser.add_argument("--codec-warps", nargs="+", type=int, choices=[0, 2, 4, 8],
+                        help="CTA sizes (warps) of the codec kernels to time each configuration "
+                             "with, 0 for the automatic size; sets KVCOMPRESS_CODEC_WARPS per "
+                             "run (default: as the environment sets it). The plot shows the "
+                             "first")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
@@ -190,27 +224,31 @@ def main() -> None:
             sources.append((name, tiled(pages, args.num_pages), pages.shape[0],
                             [1, real["block_size"]]))
 
-    plan = [(s, d, m, r, eb) for s in sources for d in args.dtypes for m in args.modes
-            for r in s[3] for eb in args.rel_ebs]
+    warps_list = args.codec_warps or [current_codec_warps()]
+    plan = [(s, d, m, r, eb, w) for s in sources for d in args.dtypes for m in args.modes
+            for r in s[3] for eb in args.rel_ebs for w in warps_list]
     results: list[Row] = []
     started = time.time()
-    for (name, pages, unique, _), dtype, mode, rows, eb in tqdm(plan, desc="codec configs"):
+    for (name, pages, unique, _), dtype, mode, rows, eb, warps in tqdm(plan, desc="codec configs"):
         config = CodecConfig(eb, True, CodecMode[mode.upper()], rows)
-        results.append(measure(name, pages.to(DTYPES[dtype]), unique, config, dtype,
-                               args.warmup, args.iters))
+        with codec_warps(warps):
+            results.append(measure(name, pages.to(DTYPES[dtype]), unique, config, dtype, warps,
+                                   args.warmup, args.iters))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "seconds": time.time() - started, "num_pages": args.num_pages}
     Path(f"{args.out}.json").write_text(json.dumps(
         {"meta": meta, "rows": [asdict(r) for r in results]}, indent=1))
-    plot(results, Path(f"{args.out}.png"))
-    header = (f"{'source':<22}{'dt':<5}{'mode':<8}{'rows':>4}{'eb':>8}{'ratio':>7}{'raw%':>6}"
-              f"{'err/eb':>7}{'comp GB/s':>10}{'dec GB/s':>9}{'copy':>7}{'c%':>5}{'d%':>5}")
+    plot([r for r in results if r.codec_warps == warps_list[0]], Path(f"{args.out}.png"))
+    header = (f"{'source':<22}{'dt':<5}{'mode':<8}{'rows':>4}{'eb':>8}{'w':>2}{'ratio':>7}"
+              f"{'raw%':>6}{'err/eb':>7}{'comp GB/s':>10}{'dec GB/s':>9}{'copy':>7}{'c%':>5}"
+              f"{'d%':>5}")
     print(header)
     for r in results:
         print(f"{r.source[:21]:<22}{r.dtype:<5}{r.mode:<8}{r.rows:>4}{r.rel_eb:>8.0e}"
-              f"{r.ratio:>7.2f}{100 * r.raw_fraction:>6.0f}{r.max_err_over_bound:>7.3f}"
+              f"{r.codec_warps:>2}{r.ratio:>7.2f}{100 * r.raw_fraction:>6.0f}"
+              f"{r.max_err_over_bound:>7.3f}"
               f"{r.compress_gbps:>10.0f}{r.decompress_gbps:>9.0f}{r.copy_gbps:>7.0f}"
               f"{r.compress_pct_of_copy:>5.0f}{r.decompress_pct_of_copy:>5.0f}")
     violations = sum(r.bound_violations for r in results)

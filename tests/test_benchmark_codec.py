@@ -1,9 +1,11 @@
 """benchmarks/benchmark_codec.py's page shapes are parsed or refused with a clear
-error, and benchmarks/compare_codec.py pairs two builds' runs by configuration (the
-timing itself needs a GPU and runs on the GPU host)."""
+error, its CTA-size setting is set around each run and restored, and
+benchmarks/compare_codec.py pairs two builds' runs by configuration (the timing
+itself needs a GPU and runs on the GPU host)."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,3 +55,18 @@ def test_compare_pairs_configurations_and_takes_medians(tmp_path: Path) -> None:
     assert paired["compress_ratio"] == pytest.approx(1.1)
     with pytest.raises(SystemExit, match="share no configuration"):
         compare_codec.compare(base, {("other",): variant[next(iter(variant))]})
+
+
+def test_codec_warps_is_set_for_a_run_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--codec-warps sets KVCOMPRESS_CODEC_WARPS around each timed configuration and
+    leaves the environment as it found it, set or not."""
+    monkeypatch.delenv(benchmark_codec.CODEC_WARPS, raising=False)
+    assert benchmark_codec.current_codec_warps() == 0
+    with benchmark_codec.codec_warps(4):
+        assert os.environ[benchmark_codec.CODEC_WARPS] == "4"
+        assert benchmark_codec.current_codec_warps() == 4
+    assert benchmark_codec.CODEC_WARPS not in os.environ
+    monkeypatch.setenv(benchmark_codec.CODEC_WARPS, "8")
+    with benchmark_codec.codec_warps(0):
+        assert benchmark_codec.current_codec_warps() == 0
+    assert os.environ[benchmark_codec.CODEC_WARPS] == "8"
