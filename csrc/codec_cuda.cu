@@ -31,6 +31,16 @@
 #include "codec_common.h"
 #include "ops.h"
 
+// The kernels are built for CTAs of 2, 4 and 8 warps, each size in a translation unit
+// of its own so that a parallel build compiles them at once (all three in one took 2.2
+// times as long as one). Built as itself, this file holds CTAs of 8 warps and the ops
+// (compress_cuda, decompress_cuda), which choose a size; codec_cuda_4warps.cu and
+// codec_cuda_2warps.cu include it with KVCOMPRESS_CTA_WARPS set to theirs.
+#ifndef KVCOMPRESS_CTA_WARPS
+#define KVCOMPRESS_CTA_WARPS 8
+#define KVCOMPRESS_CODEC_OPS
+#endif
+
 namespace kvcompress {
 namespace {
 
@@ -2562,6 +2572,172 @@ void dispatch_mode(int64_t mode, F&& f) {
   }
 }
 
+// The shared memory of compress_kernel<Warps, Code, Mode> for args.n values a page:
+// the page padded in shared memory (page_geometry) when there is room, not padded
+// otherwise (bank conflicts are slower, not wrong). Sets args.geometry and
+// args.page_smem_bytes; `aligned`: every source page is 16-byte aligned.
+template <int Warps, uint8_t Code, uint8_t Mode>
+uint32_t compress_shared_memory(CompressArgs& args, bool aligned) {
+  const int elem = sizeof(typename CudaType<Code>::type);
+  args.geometry = page_geometry(args.n, args.rows, elem, aligned);
+  args.page_smem_bytes = staged_page_bytes(args.geometry, args.n, elem);
+  if (shared_layout(args.page_smem_bytes, args.n).compress_total(Mode == kOutlier) >
+      dynamic_shared_memory_limit(compress_kernel<Warps, Code, Mode>)) {
+    args.geometry = page_geometry(args.n, args.rows, elem, false);
+    args.page_smem_bytes = staged_page_bytes(args.geometry, args.n, elem);
+  }
+  return shared_layout(args.page_smem_bytes, args.n).compress_total(Mode == kOutlier);
+}
+
+// The shared memory of decompress_kernel<Warps, Code> for args.n values a page: room
+// for a padded page when the kernel may have it, padding off otherwise. Sets
+// args.page_smem_bytes and args.allow_padding; `aligned`: every destination page's
+// rows start at 16-byte boundaries (page_views).
+template <int Warps, uint8_t Code>
+uint32_t decompress_shared_memory(DecompressArgs& args, bool aligned) {
+  const int elem = sizeof(typename CudaType<Code>::type);
+  args.allow_padding = aligned;
+  args.page_smem_bytes = max_staged_page_bytes(args.n, elem);
+  if (shared_layout(args.page_smem_bytes, args.n).decompress_total() >
+      dynamic_shared_memory_limit(decompress_kernel<Warps, Code>)) {
+    args.allow_padding = false;
+    args.page_smem_bytes = round_up(args.n * elem, 16);
+  }
+  return shared_layout(args.page_smem_bytes, args.n).decompress_total();
+}
+
+// Whether CTAs of `warps` warps decompress pages of n values: the checksum pass hands
+// each thread 16 width bytes, the block loop reads kDecodeAhead past the last.
+bool decompress_holds(int warps, uint32_t n) {
+  return shared_layout(0, n).num_blocks + kDecodeAhead <= 16u * 32u * static_cast<uint32_t>(warps);
+}
+
+}  // namespace
+
+// What the ops (compress_cuda, decompress_cuda) need from the kernels of one CTA size:
+// how many of its CTAs an SM holds for a launch's pages (0: that size cannot code
+// them), and the launch. cta_ops<Warps> is defined in the translation unit that
+// builds that size (KVCOMPRESS_CTA_WARPS).
+struct CtaOps {
+  int (*compress_ctas)(at::ScalarType dtype, int64_t mode, uint32_t n, uint32_t rows,
+                       bool aligned);
+  void (*compress)(at::TensorList sources, const at::Tensor& page_ids, double eb,
+                   bool relative, int64_t mode, int64_t rows, at::Tensor& out,
+                   at::Tensor& page_table);
+  int (*decompress_ctas)(at::ScalarType dtype, uint32_t n, bool aligned);
+  void (*decompress)(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dests,
+                     const at::Tensor& dst_page_ids, at::Tensor& status);
+};
+
+template <int Warps>
+const CtaOps& cta_ops();
+template <>
+const CtaOps& cta_ops<2>();
+template <>
+const CtaOps& cta_ops<4>();
+template <>
+const CtaOps& cta_ops<8>();
+
+namespace {
+
+// The parts of cta_ops<Warps>.
+template <int Warps>
+int compress_ctas(at::ScalarType dtype, int64_t mode, uint32_t n, uint32_t rows, bool aligned) {
+  int ctas = 0;
+  dispatch_kv_dtype(dtype, [&](auto tag) {
+    constexpr uint8_t code = decltype(tag)::value;
+    dispatch_mode(mode, [&](auto mode_tag) {
+      constexpr uint8_t m = decltype(mode_tag)::value;
+      CompressArgs probe;
+      probe.n = n;
+      probe.rows = rows;
+      ctas = resident_ctas(compress_kernel<Warps, code, m>, kCtaThreads<Warps>,
+                           compress_shared_memory<Warps, code, m>(probe, aligned));
+    });
+  });
+  return ctas;
+}
+
+template <int Warps>
+void compress_with(at::TensorList sources, const at::Tensor& page_ids, double eb, bool relative,
+                   int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table) {
+  const at::Tensor& src = sources[0];
+  const int64_t num = page_ids.numel();
+  const uint32_t n = static_cast<uint32_t>(src.size(1));
+  // Look-back flags, then the ticket counter, zeroed on the stream before the launch.
+  at::Tensor flags = at::zeros({num + 1}, src.options().dtype(at::kLong));
+  CompressArgs args;
+  bool aligned = false;
+  args.src = page_views<const uint8_t*>(sources, &aligned);
+  args.page_ids = page_ids.data_ptr<int64_t>();
+  args.out = out.data_ptr<uint8_t>();
+  args.table = page_table.data_ptr<int64_t>();
+  args.flags = reinterpret_cast<unsigned long long*>(flags.data_ptr<int64_t>());
+  args.ticket = reinterpret_cast<unsigned int*>(flags.data_ptr<int64_t>() + num);
+  args.n = n;
+  args.rows = static_cast<uint32_t>(rows);
+  args.eb = eb;
+  args.relative = relative;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_kv_dtype(src.scalar_type(), [&](auto tag) {
+    constexpr uint8_t code = decltype(tag)::value;
+    const int elem = sizeof(typename CudaType<code>::type);
+    dispatch_mode(mode, [&](auto mode_tag) {
+      constexpr uint8_t m = decltype(mode_tag)::value;
+      const auto kernel = compress_kernel<Warps, code, m>;
+      const uint32_t smem = compress_shared_memory<Warps, code, m>(args, aligned);
+      prepare_shared_memory(kernel, smem, dynamic_shared_memory_limit(kernel), n, elem);
+      kernel<<<static_cast<unsigned>(num), kCtaThreads<Warps>, smem, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+template <int Warps>
+int decompress_ctas(at::ScalarType dtype, uint32_t n, bool aligned) {
+  if (!decompress_holds(Warps, n)) return 0;
+  int ctas = 0;
+  dispatch_kv_dtype(dtype, [&](auto tag) {
+    constexpr uint8_t code = decltype(tag)::value;
+    DecompressArgs probe;
+    probe.n = n;
+    ctas = resident_ctas(decompress_kernel<Warps, code>, kCtaThreads<Warps>,
+                         decompress_shared_memory<Warps, code>(probe, aligned));
+  });
+  return ctas;
+}
+
+template <int Warps>
+void decompress_with(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dests,
+                     const at::Tensor& dst_page_ids, at::Tensor& status) {
+  const at::Tensor& dst = dests[0];
+  const uint32_t n = static_cast<uint32_t>(dst.size(1));
+  DecompressArgs args;
+  bool aligned = false;
+  args.buf = buf.data_ptr<uint8_t>();
+  args.buf_size = buf.numel();
+  args.table = page_table.data_ptr<int64_t>();
+  args.table_cols = page_table.size(1);
+  args.dst = page_views<uint8_t*>(dests, &aligned);
+  args.dst_ids = dst_page_ids.data_ptr<int64_t>();
+  args.status = status.data_ptr<int32_t>();
+  args.n = n;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_kv_dtype(dst.scalar_type(), [&](auto tag) {
+    constexpr uint8_t code = decltype(tag)::value;
+    const int elem = sizeof(typename CudaType<code>::type);
+    const auto kernel = decompress_kernel<Warps, code>;
+    const uint32_t smem = decompress_shared_memory<Warps, code>(args, aligned);
+    prepare_shared_memory(kernel, smem, dynamic_shared_memory_limit(kernel), n, elem);
+    TORCH_CHECK_VALUE(decompress_holds(Warps, n), "kvcompress: pages of " + std::to_string(n) +
+                      " values are too large to decompress on the GPU");
+    kernel<<<static_cast<unsigned>(dst_page_ids.numel()), kCtaThreads<Warps>, smem, stream>>>(
+        args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+#ifdef KVCOMPRESS_CODEC_OPS
 // The CTA sizes both kernels are built for, in warps, smallest first.
 constexpr int kCtaWarps[] = {2, 4, 8};
 constexpr int kCtaSizes = static_cast<int>(std::size(kCtaWarps));
@@ -2629,100 +2805,43 @@ int automatic_cta_warps(const CtaFit (&fits)[kCtaSizes], uint32_t num_blocks) {
   // No size holds the page: the launch says why.
   return kCtaWarps[kCtaSizes - 1];
 }
-
-// The shared memory of compress_kernel<Warps, Code, Mode> for args.n values a page:
-// the page padded in shared memory (page_geometry) when there is room, not padded
-// otherwise (bank conflicts are slower, not wrong). Sets args.geometry and
-// args.page_smem_bytes; `aligned`: every source page is 16-byte aligned.
-template <int Warps, uint8_t Code, uint8_t Mode>
-uint32_t compress_shared_memory(CompressArgs& args, bool aligned) {
-  const int elem = sizeof(typename CudaType<Code>::type);
-  args.geometry = page_geometry(args.n, args.rows, elem, aligned);
-  args.page_smem_bytes = staged_page_bytes(args.geometry, args.n, elem);
-  if (shared_layout(args.page_smem_bytes, args.n).compress_total(Mode == kOutlier) >
-      dynamic_shared_memory_limit(compress_kernel<Warps, Code, Mode>)) {
-    args.geometry = page_geometry(args.n, args.rows, elem, false);
-    args.page_smem_bytes = staged_page_bytes(args.geometry, args.n, elem);
-  }
-  return shared_layout(args.page_smem_bytes, args.n).compress_total(Mode == kOutlier);
-}
-
-// The shared memory of decompress_kernel<Warps, Code> for args.n values a page: room
-// for a padded page when the kernel may have it, padding off otherwise. Sets
-// args.page_smem_bytes and args.allow_padding; `aligned`: every destination page's
-// rows start at 16-byte boundaries (page_views).
-template <int Warps, uint8_t Code>
-uint32_t decompress_shared_memory(DecompressArgs& args, bool aligned) {
-  const int elem = sizeof(typename CudaType<Code>::type);
-  args.allow_padding = aligned;
-  args.page_smem_bytes = max_staged_page_bytes(args.n, elem);
-  if (shared_layout(args.page_smem_bytes, args.n).decompress_total() >
-      dynamic_shared_memory_limit(decompress_kernel<Warps, Code>)) {
-    args.allow_padding = false;
-    args.page_smem_bytes = round_up(args.n * elem, 16);
-  }
-  return shared_layout(args.page_smem_bytes, args.n).decompress_total();
-}
-
-// Whether CTAs of `warps` warps decompress pages of n values: the checksum pass hands
-// each thread 16 width bytes, the block loop reads kDecodeAhead past the last.
-bool decompress_holds(int warps, uint32_t n) {
-  return shared_layout(0, n).num_blocks + kDecodeAhead <= 16u * 32u * static_cast<uint32_t>(warps);
-}
+#endif
 
 }  // namespace
 
+template <>
+const CtaOps& cta_ops<KVCOMPRESS_CTA_WARPS>() {
+  constexpr int w = KVCOMPRESS_CTA_WARPS;
+  static const CtaOps ops{&compress_ctas<w>, &compress_with<w>, &decompress_ctas<w>,
+                          &decompress_with<w>};
+  return ops;
+}
+
+#ifdef KVCOMPRESS_CODEC_OPS
 void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb, bool relative,
                    int64_t mode, int64_t rows, at::Tensor& out, at::Tensor& page_table) {
   const at::Tensor& src = sources[0];
   const c10::cuda::CUDAGuard guard(src.device());
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
                     "kvcompress: out must start at a 16-byte aligned address");
-  const int forced_warps = forced_cta_warps();
-  const int64_t num = page_ids.numel();
   const uint32_t n = static_cast<uint32_t>(src.size(1));
-  // Look-back flags, then the ticket counter, zeroed on the stream before the launch.
-  at::Tensor flags = at::zeros({num + 1}, src.options().dtype(at::kLong));
-  CompressArgs args;
-  bool aligned = false;
-  args.src = page_views<const uint8_t*>(sources, &aligned);
-  args.page_ids = page_ids.data_ptr<int64_t>();
-  args.out = out.data_ptr<uint8_t>();
-  args.table = page_table.data_ptr<int64_t>();
-  args.flags = reinterpret_cast<unsigned long long*>(flags.data_ptr<int64_t>());
-  args.ticket = reinterpret_cast<unsigned int*>(flags.data_ptr<int64_t>() + num);
-  args.n = n;
-  args.rows = static_cast<uint32_t>(rows);
-  args.eb = eb;
-  args.relative = relative;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_kv_dtype(src.scalar_type(), [&](auto tag) {
-    constexpr uint8_t code = decltype(tag)::value;
-    const int elem = sizeof(typename CudaType<code>::type);
-    dispatch_mode(mode, [&](auto mode_tag) {
-      constexpr uint8_t m = decltype(mode_tag)::value;
-      int warps = forced_warps;
-      if (warps == 0) {
-        CtaFit fits[kCtaSizes];
-        for (int i = 0; i < kCtaSizes; ++i) {
-          dispatch_cta_warps(kCtaWarps[i], [&](auto warps_tag) {
-            constexpr int w = decltype(warps_tag)::value;
-            CompressArgs probe = args;
-            fits[i] = CtaFit{w, resident_ctas(compress_kernel<w, code, m>, kCtaThreads<w>,
-                                              compress_shared_memory<w, code, m>(probe, aligned))};
-          });
-        }
-        warps = automatic_cta_warps(fits, shared_layout(0, n).num_blocks);
-      }
-      dispatch_cta_warps(warps, [&](auto warps_tag) {
+  int warps = forced_cta_warps();
+  if (warps == 0) {
+    bool aligned = false;
+    page_views<const uint8_t*>(sources, &aligned);
+    CtaFit fits[kCtaSizes];
+    for (int i = 0; i < kCtaSizes; ++i) {
+      dispatch_cta_warps(kCtaWarps[i], [&](auto warps_tag) {
         constexpr int w = decltype(warps_tag)::value;
-        const auto kernel = compress_kernel<w, code, m>;
-        const uint32_t smem = compress_shared_memory<w, code, m>(args, aligned);
-        prepare_shared_memory(kernel, smem, dynamic_shared_memory_limit(kernel), n, elem);
-        kernel<<<static_cast<unsigned>(num), kCtaThreads<w>, smem, stream>>>(args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        fits[i] = CtaFit{w, cta_ops<w>().compress_ctas(src.scalar_type(), mode, n,
+                                                       static_cast<uint32_t>(rows), aligned)};
       });
-    });
+    }
+    warps = automatic_cta_warps(fits, shared_layout(0, n).num_blocks);
+  }
+  dispatch_cta_warps(warps, [&](auto warps_tag) {
+    cta_ops<decltype(warps_tag)::value>().compress(sources, page_ids, eb, relative, mode, rows,
+                                                   out, page_table);
   });
 }
 
@@ -2732,54 +2851,31 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
   const c10::cuda::CUDAGuard guard(dst.device());
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16 == 0,
                     "kvcompress: buf must start at a 16-byte aligned address");
-  const int forced_warps = forced_cta_warps();
   const uint32_t n = static_cast<uint32_t>(dst.size(1));
-  DecompressArgs args;
-  bool aligned = false;
-  args.buf = buf.data_ptr<uint8_t>();
-  args.buf_size = buf.numel();
-  args.table = page_table.data_ptr<int64_t>();
-  args.table_cols = page_table.size(1);
-  args.dst = page_views<uint8_t*>(dests, &aligned);
-  args.dst_ids = dst_page_ids.data_ptr<int64_t>();
-  args.status = status.data_ptr<int32_t>();
-  args.n = n;
+  int warps = forced_cta_warps();
   // The shared-memory limit keeps pages far below what CTAs of 8 warps hold on every
   // GPU built for; smaller CTAs hold less (decompress_holds).
-  TORCH_CHECK_VALUE(forced_warps == 0 || decompress_holds(forced_warps, n),
-                    "kvcompress: KVCOMPRESS_CODEC_WARPS=" + std::to_string(forced_warps) +
+  TORCH_CHECK_VALUE(warps == 0 || decompress_holds(warps, n),
+                    "kvcompress: KVCOMPRESS_CODEC_WARPS=" + std::to_string(warps) +
                     " is too small a CTA to decompress pages of " + std::to_string(n) +
                     " values; unset it (or set 0) for the automatic size");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_kv_dtype(dst.scalar_type(), [&](auto tag) {
-    constexpr uint8_t code = decltype(tag)::value;
-    const int elem = sizeof(typename CudaType<code>::type);
-    int warps = forced_warps;
-    if (warps == 0) {
-      CtaFit fits[kCtaSizes];
-      for (int i = 0; i < kCtaSizes; ++i) {
-        dispatch_cta_warps(kCtaWarps[i], [&](auto warps_tag) {
-          constexpr int w = decltype(warps_tag)::value;
-          DecompressArgs probe = args;
-          const uint32_t smem = decompress_shared_memory<w, code>(probe, aligned);
-          fits[i] = CtaFit{w, decompress_holds(w, n) ? resident_ctas(decompress_kernel<w, code>,
-                                                                     kCtaThreads<w>, smem)
-                                                     : 0};
-        });
-      }
-      warps = automatic_cta_warps(fits, shared_layout(0, n).num_blocks);
+  if (warps == 0) {
+    bool aligned = false;
+    page_views<uint8_t*>(dests, &aligned);
+    CtaFit fits[kCtaSizes];
+    for (int i = 0; i < kCtaSizes; ++i) {
+      dispatch_cta_warps(kCtaWarps[i], [&](auto warps_tag) {
+        constexpr int w = decltype(warps_tag)::value;
+        fits[i] = CtaFit{w, cta_ops<w>().decompress_ctas(dst.scalar_type(), n, aligned)};
+      });
     }
-    dispatch_cta_warps(warps, [&](auto warps_tag) {
-      constexpr int w = decltype(warps_tag)::value;
-      const auto kernel = decompress_kernel<w, code>;
-      const uint32_t smem = decompress_shared_memory<w, code>(args, aligned);
-      prepare_shared_memory(kernel, smem, dynamic_shared_memory_limit(kernel), n, elem);
-      TORCH_CHECK_VALUE(decompress_holds(w, n), "kvcompress: pages of " + std::to_string(n) +
-                        " values are too large to decompress on the GPU");
-      kernel<<<static_cast<unsigned>(dst_page_ids.numel()), kCtaThreads<w>, smem, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    warps = automatic_cta_warps(fits, shared_layout(0, n).num_blocks);
+  }
+  dispatch_cta_warps(warps, [&](auto warps_tag) {
+    cta_ops<decltype(warps_tag)::value>().decompress(buf, page_table, dests, dst_page_ids,
+                                                     status);
   });
 }
+#endif
 
 }  // namespace kvcompress
