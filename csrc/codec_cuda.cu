@@ -1074,11 +1074,14 @@ __device__ __forceinline__ void store_outlier(uint32_t at, uint32_t z, uint32_t 
 
 // Pass 1 over a warp's run: each block's width byte, and the run's plane words (x)
 // and outlier bytes (y); the plane words of each block that keeps_words, in the
-// staged page. The run's blocks past num_blocks (at most three) get width 0.
+// staged page. The run's blocks past num_blocks (at most three) get width 0. The
+// page's bound is read after the loop, from shared address `eb_at`: held in a
+// register across the loop, it was spilled (compress<8 warps, bf16, outlier>, sm_80).
 template <uint8_t Code, uint8_t Mode, LaneLayout Layout>
 __device__ __forceinline__ uint2 size_lane_blocks(const LaneBlocks& lb, const PageGeometry& g,
                                                   const PageQuant& pq, uint2 run,
-                                                  uint8_t* widths, uint32_t* check) {
+                                                  uint8_t* widths, uint32_t eb_at,
+                                                  uint32_t* check) {
   float worst_e = 0.0f;
   uint2 sizes = make_uint2(0, 0);
   bool kept = false;
@@ -1101,8 +1104,9 @@ __device__ __forceinline__ uint2 size_lane_blocks(const LaneBlocks& lb, const Pa
   }
   sizes.x = __reduce_add_sync(kFull, sizes.x);
   sizes.y = __reduce_add_sync(kFull, sizes.y);
-  const bool bad = !(worst_e <= pq.eb);
-  const bool tie = worst_e == tie_limit(pq.eb);
+  const float eb = __uint_as_float(load_shared_word(eb_at));
+  const bool bad = !(worst_e <= eb);
+  const bool tie = worst_e == tie_limit(eb);
   *check = (bad ? kCheckBad : 0u) | (tie ? kCheckTie : 0u) | (kept ? kCheckKept : 0u);
   return sizes;
 }
@@ -1515,12 +1519,16 @@ __global__ void __launch_bounds__(kCtaThreads<Warps>, 40 / Warps) compress_kerne
   if (quant.raw_reason == 0 && !quant_in_range(mx, mn, quant)) {
     check = kCheckBad;
   } else if (quant.raw_reason == 0) {
+    const uint32_t eb_at = static_cast<uint32_t>(__cvta_generic_to_shared(&pq_s.eb));
     if (layout == LaneLayout::kRows1) {
-      sizes = size_lane_blocks<Code, Mode, LaneLayout::kRows1>(lb, g, quant, run, widths, &check);
+      sizes = size_lane_blocks<Code, Mode, LaneLayout::kRows1>(lb, g, quant, run, widths, eb_at,
+                                                               &check);
     } else if (layout == LaneLayout::kRows16) {
-      sizes = size_lane_blocks<Code, Mode, LaneLayout::kRows16>(lb, g, quant, run, widths, &check);
+      sizes = size_lane_blocks<Code, Mode, LaneLayout::kRows16>(lb, g, quant, run, widths, eb_at,
+                                                                &check);
     } else {
-      sizes = size_lane_blocks<Code, Mode, LaneLayout::kAnyRows>(lb, g, quant, run, widths, &check);
+      sizes = size_lane_blocks<Code, Mode, LaneLayout::kAnyRows>(lb, g, quant, run, widths,
+                                                                 eb_at, &check);
     }
   }
   check = __reduce_or_sync(kFull, check);
