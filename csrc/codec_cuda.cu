@@ -44,9 +44,9 @@
 namespace kvcompress {
 namespace {
 
-// Both kernels are built for CTAs of 2, 4 and 8 warps (kCtaWarps; `Warps` in the
-// templates below): one CTA codes one page, and a page of few blocks runs faster in
-// a small CTA, many of them an SM, than in a large one whose warps mostly repeat the
+// One CTA of `Warps` warps codes one page (`Warps` in the templates below: 2, 4 or 8,
+// chosen per launch by automatic_cta_warps): a page of few blocks runs faster in a
+// small CTA, many of them an SM, than in a large one whose warps mostly repeat the
 // per-page work (docs/codec-kernel-notes.md, "CTA size per page size").
 template <int Warps>
 constexpr uint32_t kCtaThreads = 32 * Warps;
@@ -1403,8 +1403,8 @@ using ChunkRange = std::conditional_t<
     HalfPairRange<std::conditional_t<Code == kFp16, __half2, __nv_bfloat162>>>;
 
 // 40 warps an SM (5 CTAs of 8 warps, as many as shared memory allows for 32 KiB pages,
-// 10 of 4, 20 of 2), 48 registers a thread; unbounded, ptxas takes 56 registers
-// (32 warps).
+// 10 of 4, 20 of 2), 48 registers a thread; unbounded, ptxas took 56 registers (8 warps:
+// four CTAs).
 template <int Warps, uint8_t Code, uint8_t Mode>
 __global__ void __launch_bounds__(kCtaThreads<Warps>, 40 / Warps) compress_kernel(CompressArgs a) {
   using C = CudaType<Code>;
@@ -1589,8 +1589,8 @@ __global__ void __launch_bounds__(kCtaThreads<Warps>, 40 / Warps) compress_kerne
   // payload as it copies it, after the wait.
   uint32_t early = 0;
   if (reason == 0) {
-    early = checksum_shared_words<Warps>(reinterpret_cast<const uint32_t*>(widths), round_up(B, 4u),
-                                  kHeaderChecksumWords);
+    early = checksum_shared_words<Warps>(reinterpret_cast<const uint32_t*>(widths),
+                                         round_up(B, 4u), kHeaderChecksumWords);
     const uint32_t first = first_plane_index(B, totals.y);
     if (layout == LaneLayout::kRows1) {
       early +=
@@ -2276,8 +2276,9 @@ __device__ uint32_t checksum_payload(const uint32_t* words, uint32_t count, uint
 
 // A thread's plane words and outlier bytes counted together: words in the low
 // kOutlierCountShift bits, outlier bytes above. decompress_cuda bounds a page by
-// 16 kCtaThreads<8> - kDecodeAhead blocks; even with malformed width bytes a block counts
-// at most 32 words and 3 bytes, so a page's sums (< 2^17 and < 2^14) fit exactly.
+// 16 T - kDecodeAhead blocks for T threads, at most 4088 (8 warps); even with
+// malformed width bytes a block counts at most 32 words and 3 bytes, so a page's sums
+// (< 2^17 and < 2^14) fit exactly.
 constexpr int kOutlierCountShift = 18;
 constexpr uint32_t kWordCountMask = (1u << kOutlierCountShift) - 1u;
 
