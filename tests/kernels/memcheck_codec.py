@@ -3,9 +3,12 @@ for compute-sanitizer memcheck.
 
 Not a pytest module: benchmarks/run_gpu_host.sh runs it under
 ``compute-sanitizer --tool memcheck`` so that any out-of-bounds access in the
-kernels, on valid or corrupted streams, fails the run.
+kernels, on valid or corrupted streams, fails the run. The codec's launches run once
+for each CTA size of its kernels (KVCOMPRESS_CODEC_WARPS; the arguments, if any, name
+the sizes to run, e.g. ``memcheck_codec.py 2`` for a shorter racecheck).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +30,19 @@ def flipped(buffer: torch.Tensor, used: int, count: int, g: torch.Generator) -> 
 
 
 def main() -> None:
-    g = torch.Generator().manual_seed(0)
+    for warps in sys.argv[1:] or ["2", "4", "8"]:
+        os.environ["KVCOMPRESS_CODEC_WARPS"] = warps
+        codec_launches(torch.Generator().manual_seed(0))
+        print(f"codec launches with CTAs of {warps} warps finished", flush=True)
+    pack_damaged_tables(torch.Generator().manual_seed(1))
+    torch.cuda.synchronize()
+    print("memcheck driver finished")
+
+
+def codec_launches(g: torch.Generator) -> None:
+    """Compression and decompression of valid, damaged and forged streams, with the
+    CTA size KVCOMPRESS_CODEC_WARPS sets: the per-page work that strides by the CTA's
+    threads or splits blocks between its warps differs between sizes."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for mode in CodecMode:
             base = torch.randn(64, 1031, generator=g).cumsum(1).to(dtype).cuda()
@@ -151,9 +166,7 @@ def main() -> None:
                         damaged = flipped(buf, copy.used_bytes(), 4, g)
                         decompress_pages(CompressedPages(damaged, copy.table.cuda()), dst,
                                          torch.arange(8, device="cuda"))
-    pack_damaged_tables(g)
     torch.cuda.synchronize()
-    print("memcheck driver finished")
 
 
 def pack_damaged_tables(g: torch.Generator) -> None:

@@ -15,6 +15,10 @@ from vllm_kvcompress.codec import (CodecConfig, CodecMode, CompressedPages, Deco
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# The CTA sizes (warps) the kernels are built for, forced through KVCOMPRESS_CODEC_WARPS;
+# the other tests run the size each launch chooses for its pages.
+CTA_WARPS = [2, 4, 8]
+CODEC_WARPS = "KVCOMPRESS_CODEC_WARPS"
 
 
 def kv_like(num_pages: int, tokens: int, channels: int, dtype: torch.dtype,
@@ -291,10 +295,10 @@ def test_lane_per_block_runs_match_cpu(dtype, mode, n, rows):
     (runs_of_32); a last run that ends before the last lane (2272 values: 71 blocks,
     the lanes past them store nothing); a partial last block in rows 1 (16390) and, for
     fp32, in rows 16 with an odd row length (16400: 16-bit pages of that shape go
-    through the warp path); a page of one run (1024: one warp decodes, seven have no
-    blocks). Destinations 16-byte aligned and not (the copy-out of the staged page
-    stores 16 bytes at a time or one value at a time): bit-identical to the CPU
-    decoder, and nothing written outside the pages."""
+    through the warp path); a page of one run (1024: one warp decodes, the CTA's
+    others have no blocks). Destinations 16-byte aligned and not (the copy-out of the
+    staged page stores 16 bytes at a time or one value at a time): bit-identical to
+    the CPU decoder, and nothing written outside the pages."""
     pages = runs_of_32(6, n, rows, dtype, 0.01, seed=n + rows)
     ids = torch.tensor([4, 0, 5, 2, 1, 3])
     cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, rows))
@@ -379,15 +383,17 @@ def narrow_with_spike(num_pages: int, n: int, seed: int) -> torch.Tensor:
     return pages
 
 
+@pytest.mark.parametrize("warps", CTA_WARPS)
 @pytest.mark.parametrize("mode", list(CodecMode))
 @pytest.mark.parametrize("n,rows,aligned", [(4096, 1, True), (4096, 1, False), (4096, 16, True),
                                             (1056, 3, True), (2245, 1, False)])
-def test_raw_pages_after_kept_plane_words_match_cpu(mode, n, rows, aligned):
+def test_raw_pages_after_kept_plane_words_match_cpu(warps, mode, n, rows, aligned, monkeypatch):
     """A page that goes RAW after pass 1 kept plane words in its staged copy (fixed
     and plain modes) must still store its values: copied from the source page
-    (aligned, padded in shared memory or not) or staged again (unaligned rows).
-    Compressed pages of the same launch keep using the kept words; outlier mode,
-    which keeps none, is the control. Byte-identical to the CPU kernels."""
+    (aligned, padded in shared memory or not) or staged again (unaligned rows), by
+    CTAs of every size. Compressed pages of the same launch keep using the kept words;
+    outlier mode, which keeps none, is the control. Byte-identical to the CPU kernels."""
+    monkeypatch.setenv(CODEC_WARPS, str(warps))
     pages = narrow_with_spike(12, n, seed=n + rows)
     if not aligned:
         pages = torch.cat([pages[:, :1], pages], 1)[:, 1:]
@@ -517,7 +523,11 @@ def test_gpu_round_trip_within_bound(dtype, mode):
     assert (err <= bound).all()
 
 
-def test_gpu_detects_corruption_and_writes_nothing():
+@pytest.mark.parametrize("warps", [0] + CTA_WARPS)
+def test_gpu_detects_corruption_and_writes_nothing(warps, monkeypatch):
+    """Damaged records and a destination out of range, decompressed by CTAs of the
+    automatic size (0) and of each size."""
+    monkeypatch.setenv(CODEC_WARPS, str(warps))
     pages = kv_like(16, 16, 256, torch.bfloat16, seed=5).cuda()
     compressed = compress_pages(pages, torch.arange(16), CodecConfig())
     table = compressed.table.cpu()
@@ -559,13 +569,16 @@ def test_gpu_bad_source_index_stores_nothing():
     assert gpu.table[1, 1].item() == 0 and gpu.table[1, 2].item() == 4
 
 
+@pytest.mark.parametrize("warps", CTA_WARPS)
 @pytest.mark.parametrize("repeat", range(3))
-def test_long_batches_place_every_record_like_the_cpu(repeat):
+def test_long_batches_place_every_record_like_the_cpu(repeat, warps, monkeypatch):
     """Thousands of small pages in one launch, so that thousands of CTAs run their
     look-back at once and most find only aggregates in their first windows of 32
     predecessors: every record's offset, as the CPU places them one after another.
     Records of several sizes (compressed, RAW, empty for a bad source index) make a
-    wrong sum over a window show up as a shifted offset."""
+    wrong sum over a window show up as a shifted offset. CTAs of every size: the
+    smaller, the more of them an SM runs at once."""
+    monkeypatch.setenv(CODEC_WARPS, str(warps))
     g = torch.Generator().manual_seed(40 + repeat)
     pages = torch.cat([kv_like(2000, 4, 64, torch.bfloat16, seed=41 + repeat),
                        adversarial(400, 256, torch.bfloat16, seed=42 + repeat)])
@@ -623,3 +636,114 @@ def test_many_views_match_cpu(dtype, rows):
     assert torch.equal(status_cpu, status_gpu.cpu())
     for a, b in zip(dst_cpu, dst_gpu):
         assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("warps", CTA_WARPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("n,rows,aligned", [(9616, 1, True), (6144, 16, True),
+                                            (16 * 601, 16, False), (4608, 48, True),
+                                            (1000, 1, False)])
+def test_every_cta_size_matches_cpu(warps, dtype, mode, n, rows, aligned, monkeypatch):
+    """Both kernels with CTAs of each size (KVCOMPRESS_CODEC_WARPS), whatever size the
+    pages would get: the per-page work that strides by the CTA's threads or loops over
+    its warps (staging, padded or not, and its range reduction; the warps' runs of
+    blocks; the checksums; the RAW copy; the decoder's checksum pass, which hands each
+    thread 16 width bytes; the copy-out). Pages of narrow, wide, one-value and
+    runs-of-32 blocks, a zero page and non-finite pages (RAW), a bad source index;
+    rows 1 (a lane a block, a partial last block at 9616 values), rows 16 padded in
+    shared memory (6144 values: 12 KiB in 16-bit types) and not (unaligned, a last
+    block that is half a column pair), rows 48 (the decoder's warp path), an odd page
+    size; decoded into scattered destination pages, aligned or not. Byte-identical
+    streams and bit-identical decodes against the CPU kernels."""
+    monkeypatch.setenv(CODEC_WARPS, str(warps))
+    wide = mixed_widths(2, n, rows, torch.float32, eb=0.01, seed=n).clamp(-2.4, 2.4)
+    pages = torch.cat([mixed_widths(3, n, rows, dtype, eb=0.01, seed=n + rows),
+                       constant_blocks(2, n, rows, dtype, eb=0.01, seed=n - rows),
+                       wide.to(dtype), runs_of_32(2, n, rows, dtype, 0.01, seed=n + 1),
+                       adversarial(8, n, dtype, seed=n)[[0, 4, 5]]])
+    if not aligned:
+        pages = torch.cat([pages[:, :1], pages], 1)[:, 1:]
+    ids = torch.randperm(12, generator=torch.Generator().manual_seed(n + warps))
+    ids = torch.cat([ids[:5], torch.tensor([-1]), ids[5:]])
+    cpu, gpu = both_devices(pages, ids, CodecConfig(0.01, False, mode, rows))
+    assert_same_stream(cpu, gpu)
+    assert (cpu.table[:, 2] == 0).sum() >= 8
+    targets = torch.randperm(13, generator=torch.Generator().manual_seed(rows))
+    expected = torch.full((13, n), 3.0, dtype=dtype)
+    status_cpu = decompress_pages(cpu, expected, targets)
+    offset = 0 if aligned else 1
+    full = torch.full((13, n + 8), 3.0, dtype=dtype, device="cuda")
+    dst = full[:, offset:offset + n]
+    status = decompress_pages(gpu, dst, targets.cuda()).cpu()
+    assert torch.equal(status, status_cpu)
+    assert (status[ids >= 0] == DecodeStatus.OK).all()
+    assert torch.equal(dst.cpu().contiguous().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("warps", CTA_WARPS)
+@pytest.mark.parametrize("mode", list(CodecMode))
+@pytest.mark.parametrize("dtype,n,rows", [(torch.bfloat16, 16384, 16), (torch.float32, 2245, 1),
+                                          (torch.float16, 1056, 3), (torch.bfloat16, 16384, 1)])
+def test_forged_width_sections_match_cpu_in_every_cta_size(warps, mode, dtype, n, rows,
+                                                           monkeypatch):
+    """test_forged_width_sections_match_cpu's forgeries, a different kind in each page
+    of one batch, decoded by CTAs of each size: which thread holds a warp's first
+    width byte, and the counts before it, depend on the CTA's size."""
+    monkeypatch.setenv(CODEC_WARPS, str(warps))
+    g = torch.Generator().manual_seed(n + rows + warps)
+    pages = mixed_widths(8, n, rows, dtype, 0.01, seed=n)
+    pages[6] = 0
+    pages[7, : n // 2] = 0
+    ids = torch.arange(8)
+    cpu = compress_pages(pages, ids, CodecConfig(0.01, False, mode, rows))
+    for page in range(8):
+        if int(cpu.table[page, 2]) == 0:
+            forge(cpu, page, FORGED_KINDS[page % len(FORGED_KINDS)], g)
+    expected = torch.full_like(pages, 3.0)
+    status_cpu = decompress_pages(cpu, expected, ids)
+    gpu = CompressedPages(cpu.buffer.cuda(), cpu.table.cuda())
+    dst = torch.full_like(pages, 3.0).cuda()
+    status = decompress_pages(gpu, dst, ids.cuda()).cpu()
+    assert torch.equal(status, status_cpu)
+    assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("value", ["1", "16", "auto", "4 "])
+def test_invalid_codec_warps_is_refused(value, monkeypatch):
+    """KVCOMPRESS_CODEC_WARPS other than unset, empty, 0, 2, 4 or 8: both ops refuse
+    to launch and name the variable."""
+    pages = kv_like(2, 16, 64, torch.bfloat16, seed=10).cuda()
+    ids = torch.arange(2, device="cuda")
+    compressed = compress_pages(pages, ids, CodecConfig())
+    monkeypatch.setenv(CODEC_WARPS, value)
+    with pytest.raises(ValueError, match="KVCOMPRESS_CODEC_WARPS must be 0"):
+        compress_pages(pages, ids, CodecConfig())
+    with pytest.raises(ValueError, match="KVCOMPRESS_CODEC_WARPS must be 0"):
+        decompress_pages(compressed, torch.empty_like(pages), ids)
+    monkeypatch.setenv(CODEC_WARPS, "")
+    assert (decompress_pages(compressed, torch.empty_like(pages), ids) == DecodeStatus.OK).all()
+
+
+def test_two_warp_ctas_decompress_pages_up_to_1016_blocks(monkeypatch):
+    """Decompression's checksum pass hands each thread 16 width bytes and the block
+    loop reads 8 past the last block, so CTAs of 2 warps (64 threads) decode pages of
+    at most 1016 blocks: at that size the same values as the CPU; one block more
+    (forced to 2 warps) is a ValueError naming the variable, and decodes with 4.
+    Compression holds any page in any size."""
+    for blocks, holds in ((1016, True), (1017, False)):
+        n = 32 * blocks - 5  # a partial last block
+        pages = kv_like(3, 1, n, torch.bfloat16, seed=blocks)
+        ids = torch.tensor([2, 0, 1])
+        monkeypatch.setenv(CODEC_WARPS, "2")
+        cpu, gpu = both_devices(pages, ids, CodecConfig(1e-2, True, CodecMode.PLAIN, 1))
+        assert_same_stream(cpu, gpu)
+        expected = torch.zeros(3, n, dtype=torch.bfloat16)
+        assert (decompress_pages(cpu, expected, torch.arange(3)) == DecodeStatus.OK).all()
+        dst = torch.zeros(3, n, dtype=torch.bfloat16, device="cuda")
+        if not holds:
+            with pytest.raises(ValueError, match="KVCOMPRESS_CODEC_WARPS=2"):
+                decompress_pages(gpu, dst, torch.arange(3, device="cuda"))
+            monkeypatch.setenv(CODEC_WARPS, "4")
+        assert (decompress_pages(gpu, dst, torch.arange(3, device="cuda")) == DecodeStatus.OK).all()
+        assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
