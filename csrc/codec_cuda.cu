@@ -2790,26 +2790,25 @@ struct CtaFit {
   int ctas;
 };
 
-// A smaller CTA size is chosen when it keeps at least this percentage of the most
-// busy warps an SM that any size keeps (automatic_cta_warps): 100 takes the smaller
-// size on a tie only. The threshold to tune on the GPU.
-constexpr int kSmallerCtaPercent = 100;
+// The most runs of 32 blocks the automatic CTA size gives each of its warps.
+constexpr int kMaxRunsPerWarp = 3;
 
 // The automatic CTA size for pages of `num_blocks` blocks (docs/codec-kernel-notes.md,
-// "CTA size per page size"). Warps take whole runs of 32 blocks (a lane a block), so
-// min(warps, runs) warps of a CTA have blocks to code; each size's CTAs an SM times
-// those are its busy warps an SM. The size with the most is chosen, and the smallest
-// that comes close (kSmallerCtaPercent): a smaller CTA repeats the per-page work
-// (header, reductions, barriers, the look-back's wait) in fewer warps, and puts more
-// pages in flight to hide each page's waits. `fits` is ordered as kCtaWarps.
+// "CTA size per page size"): the smallest size that holds the launch's pages and
+// gives each warp at most kMaxRunsPerWarp runs of 32 blocks (a lane a block), else
+// the largest that holds them. Below 16 KiB a page's time is mostly per-page work
+// (header, reductions, barriers, the look-back's wait) that a smaller CTA repeats
+// in fewer warps while more pages are in flight to hide each page's waits; with more
+// runs a warp, the page's blocks take the longer. Measured on the H100 (bf16, every
+// size forced in turn): 2 warps were fastest for 64-192 blocks, 4 for 256, 8 for 512
+// in decompression (4 and 8 within 7% in compression). `fits` is ordered as kCtaWarps.
 int automatic_cta_warps(const CtaFit (&fits)[kCtaSizes], uint32_t num_blocks) {
   const int runs = static_cast<int>((num_blocks + 31) / 32);
-  int best = 0;
-  for (const CtaFit& f : fits) best = std::max(best, std::min(f.warps, runs) * f.ctas);
   for (const CtaFit& f : fits) {
-    if (f.ctas > 0 && 100 * std::min(f.warps, runs) * f.ctas >= kSmallerCtaPercent * best) {
-      return f.warps;
-    }
+    if (f.ctas > 0 && runs <= kMaxRunsPerWarp * f.warps) return f.warps;
+  }
+  for (int i = kCtaSizes - 1; i >= 0; --i) {
+    if (fits[i].ctas > 0) return fits[i].warps;
   }
   // No size holds the page: the launch says why.
   return kCtaWarps[kCtaSizes - 1];
