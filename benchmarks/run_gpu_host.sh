@@ -231,8 +231,10 @@ e2e() {
   fi
   # The engine runs in this process (no engine-core subprocess), so a stall at engine
   # start shows up in the thread dumps that pytest-timeout writes.
+  # E2E_TESTS narrows the run (e.g. tests/offload/test_e2e_gpu.py::test_tensor_parallel_2).
+  # shellcheck disable=SC2086  # a list of test ids
   VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout "${E2E_TIMEOUT_S:-300}" python3 -m pytest \
-    tests/offload/test_e2e_gpu.py -q -rs -s -p no:cacheprovider --timeout "${E2E_TEST_TIMEOUT_S:-150}" \
+    ${E2E_TESTS:-tests/offload/test_e2e_gpu.py} -q -rs -s -p no:cacheprovider --timeout "${E2E_TEST_TIMEOUT_S:-150}" \
     --timeout-method thread --junitxml="$OUT/pytest_e2e.xml" > "$OUT/pytest_e2e.log" 2>&1 \
     || status=1
   grep -E "passed|failed|PASSED|FAILED|Error|error:|error bound|default bound" \
