@@ -2751,18 +2751,15 @@ void decompress_with(const at::Tensor& buf, const at::Tensor& page_table, at::Te
 constexpr int kCtaWarps[] = {2, 4, 8};
 constexpr int kCtaSizes = static_cast<int>(std::size(kCtaWarps));
 
-// Calls f with std::integral_constant<int, warps> for a size of kCtaWarps.
-template <typename F>
-void dispatch_cta_warps(int warps, F&& f) {
+// The kernels and launches of CTAs of `warps` warps, a size of kCtaWarps.
+const CtaOps& cta_ops_for(int warps) {
   switch (warps) {
     case 2:
-      f(std::integral_constant<int, 2>{});
-      break;
+      return cta_ops<2>();
     case 4:
-      f(std::integral_constant<int, 4>{});
-      break;
+      return cta_ops<4>();
     default:
-      f(std::integral_constant<int, 8>{});
+      return cta_ops<8>();
   }
 }
 
@@ -2783,13 +2780,6 @@ int forced_cta_warps() {
   return forced;
 }
 
-// How many CTAs of one size an SM holds for a launch: 0 when that size cannot code
-// the launch's pages.
-struct CtaFit {
-  int warps;
-  int ctas;
-};
-
 // The most runs of 32 blocks the automatic CTA size gives each of its warps.
 constexpr int kMaxRunsPerWarp = 3;
 
@@ -2801,14 +2791,16 @@ constexpr int kMaxRunsPerWarp = 3;
 // in fewer warps while more pages are in flight to hide each page's waits; with more
 // runs a warp, the page's blocks take the longer. Measured on the H100 (bf16, every
 // size forced in turn): 2 warps were fastest for 64-192 blocks, 4 for 256, 8 for 512
-// in decompression (4 and 8 within 7% in compression). `fits` is ordered as kCtaWarps.
-int automatic_cta_warps(const CtaFit (&fits)[kCtaSizes], uint32_t num_blocks) {
+// in decompression (4 and 8 within 7% in compression). `ctas(ops)` is how many CTAs
+// of a size an SM holds for the launch (CtaOps), asked of the sizes in turn.
+template <typename Ctas>
+int automatic_cta_warps(uint32_t num_blocks, Ctas&& ctas) {
   const int runs = static_cast<int>((num_blocks + 31) / 32);
-  for (const CtaFit& f : fits) {
-    if (f.ctas > 0 && runs <= kMaxRunsPerWarp * f.warps) return f.warps;
+  for (const int warps : kCtaWarps) {
+    if (runs <= kMaxRunsPerWarp * warps && ctas(cta_ops_for(warps)) > 0) return warps;
   }
   for (int i = kCtaSizes - 1; i >= 0; --i) {
-    if (fits[i].ctas > 0) return fits[i].warps;
+    if (ctas(cta_ops_for(kCtaWarps[i])) > 0) return kCtaWarps[i];
   }
   // No size holds the page: the launch says why.
   return kCtaWarps[kCtaSizes - 1];
@@ -2837,20 +2829,11 @@ void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb
   if (warps == 0) {
     bool aligned = false;
     page_views<const uint8_t*>(sources, &aligned);
-    CtaFit fits[kCtaSizes];
-    for (int i = 0; i < kCtaSizes; ++i) {
-      dispatch_cta_warps(kCtaWarps[i], [&](auto warps_tag) {
-        constexpr int w = decltype(warps_tag)::value;
-        fits[i] = CtaFit{w, cta_ops<w>().compress_ctas(src.scalar_type(), mode, n,
-                                                       static_cast<uint32_t>(rows), aligned)};
-      });
-    }
-    warps = automatic_cta_warps(fits, shared_layout(0, n).num_blocks);
+    warps = automatic_cta_warps(shared_layout(0, n).num_blocks, [&](const CtaOps& ops) {
+      return ops.compress_ctas(src.scalar_type(), mode, n, static_cast<uint32_t>(rows), aligned);
+    });
   }
-  dispatch_cta_warps(warps, [&](auto warps_tag) {
-    cta_ops<decltype(warps_tag)::value>().compress(sources, page_ids, eb, relative, mode, rows,
-                                                   out, page_table);
-  });
+  cta_ops_for(warps).compress(sources, page_ids, eb, relative, mode, rows, out, page_table);
 }
 
 void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::TensorList dests,
@@ -2870,19 +2853,11 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
   if (warps == 0) {
     bool aligned = false;
     page_views<uint8_t*>(dests, &aligned);
-    CtaFit fits[kCtaSizes];
-    for (int i = 0; i < kCtaSizes; ++i) {
-      dispatch_cta_warps(kCtaWarps[i], [&](auto warps_tag) {
-        constexpr int w = decltype(warps_tag)::value;
-        fits[i] = CtaFit{w, cta_ops<w>().decompress_ctas(dst.scalar_type(), n, aligned)};
-      });
-    }
-    warps = automatic_cta_warps(fits, shared_layout(0, n).num_blocks);
+    warps = automatic_cta_warps(shared_layout(0, n).num_blocks, [&](const CtaOps& ops) {
+      return ops.decompress_ctas(dst.scalar_type(), n, aligned);
+    });
   }
-  dispatch_cta_warps(warps, [&](auto warps_tag) {
-    cta_ops<decltype(warps_tag)::value>().decompress(buf, page_table, dests, dst_page_ids,
-                                                     status);
-  });
+  cta_ops_for(warps).decompress(buf, page_table, dests, dst_page_ids, status);
 }
 #endif
 
