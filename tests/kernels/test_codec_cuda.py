@@ -445,6 +445,28 @@ def forge(pages: CompressedPages, page: int, kind: str, g: torch.Generator) -> N
     rec[28:32] = torch.tensor(list(struct.pack("<I", check)), dtype=torch.uint8)
 
 
+def decode_forged_batch(mode: CodecMode, kinds: list[str], dtype: torch.dtype, n: int,
+                        rows: int, g: torch.Generator):
+    """Eight pages of mixed widths (a zero page and a half-zero one among them),
+    compressed on the CPU, page i's record forged as kinds[i] where it is not RAW,
+    then decoded by both devices into pages of 3.0. Returns the CPU stream, the GPU
+    and CPU statuses, and the GPU and CPU destinations (both on the CPU)."""
+    pages = mixed_widths(8, n, rows, dtype, 0.01, seed=n)
+    pages[6] = 0
+    pages[7, : n // 2] = 0
+    ids = torch.arange(8)
+    cpu = compress_pages(pages, ids, CodecConfig(0.01, False, mode, rows))
+    for page, kind in enumerate(kinds):
+        if int(cpu.table[page, 2]) == 0:
+            forge(cpu, page, kind, g)
+    expected = torch.full_like(pages, 3.0)
+    status_cpu = decompress_pages(cpu, expected, ids)
+    gpu = CompressedPages(cpu.buffer.cuda(), cpu.table.cuda())
+    dst = torch.full_like(pages, 3.0).cuda()
+    status = decompress_pages(gpu, dst, ids.cuda()).cpu()
+    return cpu, status, status_cpu, dst.cpu(), expected
+
+
 @pytest.mark.parametrize("mode", list(CodecMode))
 @pytest.mark.parametrize("kind", FORGED_KINDS)
 @pytest.mark.parametrize("dtype,n,rows", [(torch.bfloat16, 16384, 16), (torch.float32, 2245, 1),
@@ -462,24 +484,12 @@ def test_forged_width_sections_match_cpu(mode, kind, dtype, n, rows):
     blocks; zero pages among them have payloads shorter than one 16-byte vector. The
     bf16 pages of 512 narrow blocks are decoded a lane a block, staged in column pairs
     (rows 16) and in memory order (rows 1)."""
-    g = torch.Generator().manual_seed(n + rows)
-    pages = mixed_widths(8, n, rows, dtype, 0.01, seed=n)
-    pages[6] = 0
-    pages[7, : n // 2] = 0
-    ids = torch.arange(8)
-    cpu = compress_pages(pages, ids, CodecConfig(0.01, False, mode, rows))
-    for page in range(8):
-        if int(cpu.table[page, 2]) == 0:
-            forge(cpu, page, kind, g)
-    expected = torch.full_like(pages, 3.0)
-    status_cpu = decompress_pages(cpu, expected, ids)
-    gpu = CompressedPages(cpu.buffer.cuda(), cpu.table.cuda())
-    dst = torch.full_like(pages, 3.0).cuda()
-    status = decompress_pages(gpu, dst, ids.cuda()).cpu()
+    cpu, status, status_cpu, dst, expected = decode_forged_batch(
+        mode, [kind] * 8, dtype, n, rows, torch.Generator().manual_seed(n + rows))
     assert torch.equal(status, status_cpu)
     if kind in ("too_wide", "bit7", "wider", "shorter"):
         assert (status[cpu.table[:, 2] == 0] == DecodeStatus.MALFORMED).all()
-    assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(dst.view(torch.uint8), expected.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -691,22 +701,11 @@ def test_forged_width_sections_match_cpu_in_every_cta_size(warps, mode, dtype, n
     of one batch, decoded by CTAs of each size: which thread holds a warp's first
     width byte, and the counts before it, depend on the CTA's size."""
     monkeypatch.setenv(CODEC_WARPS, str(warps))
-    g = torch.Generator().manual_seed(n + rows + warps)
-    pages = mixed_widths(8, n, rows, dtype, 0.01, seed=n)
-    pages[6] = 0
-    pages[7, : n // 2] = 0
-    ids = torch.arange(8)
-    cpu = compress_pages(pages, ids, CodecConfig(0.01, False, mode, rows))
-    for page in range(8):
-        if int(cpu.table[page, 2]) == 0:
-            forge(cpu, page, FORGED_KINDS[page % len(FORGED_KINDS)], g)
-    expected = torch.full_like(pages, 3.0)
-    status_cpu = decompress_pages(cpu, expected, ids)
-    gpu = CompressedPages(cpu.buffer.cuda(), cpu.table.cuda())
-    dst = torch.full_like(pages, 3.0).cuda()
-    status = decompress_pages(gpu, dst, ids.cuda()).cpu()
+    kinds = [FORGED_KINDS[page % len(FORGED_KINDS)] for page in range(8)]
+    _, status, status_cpu, dst, expected = decode_forged_batch(
+        mode, kinds, dtype, n, rows, torch.Generator().manual_seed(n + rows + warps))
     assert torch.equal(status, status_cpu)
-    assert torch.equal(dst.cpu().view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(dst.view(torch.uint8), expected.view(torch.uint8))
 
 
 @pytest.mark.parametrize("value", ["1", "16", "auto", "4 "])
