@@ -69,12 +69,18 @@ EOF
 
 # Builds the extension into vllm_kvcompress/ and makes the package visible to every
 # process (vLLM's workers too) with its entry point, without pip or an index.
+# Builds the extension of the source tree $1 into $1/vllm_kvcompress, in the build
+# folder $2, logging to $3.
+build_extension() {
+  { cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVCOMPRESS_CUDA=ON \
+      -DPython_EXECUTABLE="$(command -v python3)" \
+      -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/$1/vllm_kvcompress" \
+    && cmake --build "$2" -j "$MAX_JOBS"; } > "$3" 2>&1
+}
+
 install_package() {
   rm -rf "build/host-$1" vllm_kvcompress/_C*.so
-  { cmake -S . -B "build/host-$1" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVCOMPRESS_CUDA=ON \
-      -DPython_EXECUTABLE="$(command -v python3)" \
-      -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/vllm_kvcompress" \
-    && cmake --build "build/host-$1" -j "$MAX_JOBS"; } > "$OUT/build_$1.log" 2>&1 || return 1
+  build_extension . "build/host-$1" "$OUT/build_$1.log" || return 1
   local dist=build/dist/vllm_kvcompress-0.1.0.dist-info
   mkdir -p "$dist"
   printf 'Metadata-Version: 2.1\nName: vllm-kvcompress\nVersion: 0.1.0\n' > "$dist/METADATA"
@@ -122,12 +128,18 @@ build() {
   fi
 }
 
-codec() {
+# The codec benchmark of the package in the tree $1 (. for this one), with the real
+# pages of .gpu/kv_pages.pt when carried: $OUT/$2.json and .png, its output in $OUT/$3.
+codec_benchmark() {
   local kv_pages=()
-  [ -f .gpu/kv_pages.pt ] && kv_pages=(--kv-pages .gpu/kv_pages.pt)
+  [ -f .gpu/kv_pages.pt ] && kv_pages=(--kv-pages "$PWD/.gpu/kv_pages.pt")
   # shellcheck disable=SC2086  # CODEC_ARGS (e.g. "--dtypes bf16") is a list of words
-  python3 benchmarks/benchmark_codec.py "${kv_pages[@]}" --out "$OUT/codec" ${CODEC_ARGS:-} \
-    > "$OUT/benchmark_codec.log" 2>&1 || status=1
+  PYTHONPATH="$PWD/$1:$PYTHONPATH" python3 "$1/benchmarks/benchmark_codec.py" "${kv_pages[@]}" \
+    --out "$OUT/$2" ${CODEC_ARGS:-} > "$OUT/$3" 2>&1 || status=1
+}
+
+codec() {
+  codec_benchmark . codec benchmark_codec.log
   grep -v "codec configs" "$OUT/benchmark_codec.log" | tail -40
 }
 
@@ -162,25 +174,18 @@ EOF2
 # to the tree and calling `build`.
 compare() {
   [ -f "${COMPARE_PATCH:-}" ] || { echo "compare: set COMPARE_PATCH to a patch file"; status=1; return; }
-  local variant=build/compare-variant kv_pages=() base=() other=()
+  local variant=build/compare-variant base=() other=()
   rm -rf "$variant" && mkdir -p "$variant"
   tar cf - --exclude=./build --exclude=./.gpu --exclude='./vllm_kvcompress/_C*.so' . \
     | tar xf - -C "$variant"
   patch -s -p1 -d "$variant" < "$COMPARE_PATCH" || { echo "compare: the patch does not apply"; status=1; return; }
-  { cmake -S "$variant" -B "$variant/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVCOMPRESS_CUDA=ON \
-      -DPython_EXECUTABLE="$(command -v python3)" \
-      -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/$variant/vllm_kvcompress" \
-    && cmake --build "$variant/build" -j "$MAX_JOBS"; } > "$OUT/build_variant.log" 2>&1 \
+  build_extension "$variant" "$variant/build" "$OUT/build_variant.log" \
     || { echo "compare: the variant does not build (build_variant.log)"; status=1; return; }
-  [ -f .gpu/kv_pages.pt ] && kv_pages=(--kv-pages "$PWD/.gpu/kv_pages.pt")
-  run_codec() {  # run_codec TREE NAME
-    # shellcheck disable=SC2086  # CODEC_ARGS is a list of words
-    PYTHONPATH="$PWD/$1:$PYTHONPATH" python3 "$1/benchmarks/benchmark_codec.py" "${kv_pages[@]}" \
-      --out "$OUT/$2" ${CODEC_ARGS:-} > "$OUT/$2.log" 2>&1 || status=1
-  }
   for round in $(seq "${COMPARE_ROUNDS:-1}"); do
-    run_codec . "base_${round}a"; run_codec "$variant" "variant_${round}a"
-    run_codec "$variant" "variant_${round}b"; run_codec . "base_${round}b"
+    codec_benchmark . "base_${round}a" "base_${round}a.log"
+    codec_benchmark "$variant" "variant_${round}a" "variant_${round}a.log"
+    codec_benchmark "$variant" "variant_${round}b" "variant_${round}b.log"
+    codec_benchmark . "base_${round}b" "base_${round}b.log"
     base+=("$OUT/base_${round}a.json" "$OUT/base_${round}b.json")
     other+=("$OUT/variant_${round}a.json" "$OUT/variant_${round}b.json")
   done
