@@ -184,6 +184,8 @@ struct CudaType<kFp32> {
   __device__ static float2 round_pair(float a, float b) { return make_float2(a, b); }
 };
 
+constexpr uint32_t kL2LineBytes = 128;
+
 // Look-back flag: state in the top two bits, an inclusive or partial byte count below.
 constexpr unsigned long long kFlagAggregate = 1ull << 62;
 constexpr unsigned long long kFlagPrefix = 2ull << 62;
@@ -503,6 +505,8 @@ struct CompressArgs {
   uint32_t rows;
   PageGeometry geometry;
   uint32_t page_smem_bytes;
+  // CTAs of this launch that the device holds at once (prefetch_next_page).
+  uint32_t resident;
   double eb;
   bool relative;
 };
@@ -1299,6 +1303,24 @@ __device__ void publish_length(unsigned long long* flags, uint32_t idx, uint64_t
   publish(&flags[idx], (idx == 0 ? kFlagPrefix : kFlagAggregate) | len);
 }
 
+// Pulls into L2 the page that the CTA taking this one's place on the device will
+// stage: pages are taken in ticket order and, through the look-back, finish in it, so
+// the CTA started when this one ends takes about ticket `idx + resident`. Called by
+// the warps that do not look back, while warp 0 waits for the pages before this one:
+// their DRAM reads then overlap the wait instead of coming after it. `t` counts the
+// calling threads from 0 to `threads`; a prefetch brings one L2 line.
+__device__ void prefetch_next_page(const CompressArgs& a, uint32_t idx, uint32_t bytes,
+                                   uint32_t t, uint32_t threads) {
+  const uint64_t next = static_cast<uint64_t>(idx) + a.resident;
+  if (next >= gridDim.x) return;
+  const int64_t id = a.page_ids[next];
+  if (id < 0 || id >= a.src.count) return;
+  const uint8_t* page = a.src.page(id);
+  for (uint32_t at = t * kL2LineBytes; at < bytes; at += threads * kL2LineBytes) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(page + at));
+  }
+}
+
 // Decoupled look-back by one warp, every lane of which calls it, after publish_length:
 // the byte offset of page `idx`'s record, whose length is `len`; publishes the page's
 // inclusive prefix. Lane k reads the flag of the (k + 1)-th page before the window's
@@ -1607,6 +1629,7 @@ __global__ void __launch_bounds__(kCtaThreads<Warps>, 40 / Warps) compress_kerne
   }
   early = __reduce_add_sync(kFull, early);
   if (lane == 0) warp_early_sum[warp] = early;
+  if (warp != 0) prefetch_next_page(a, idx, page_bytes, threadIdx.x - 32, kThreads - 32);
   if (warp == 0) {
     __syncwarp();  // thread 0's payload_len_s, to the warp
     // Warp 0's lanes are threads 0 to 31: the thread index, where `lane` had ptxas
@@ -2701,6 +2724,11 @@ void compress_with(at::TensorList sources, const at::Tensor& page_ids, double eb
       const auto kernel = compress_kernel<Warps, code, m>;
       const uint32_t smem = compress_shared_memory<Warps, code, m>(args, aligned);
       prepare_shared_memory(kernel, smem, dynamic_shared_memory_limit(kernel), n, elem);
+      int sms = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                            c10::cuda::current_device()));
+      args.resident =
+          static_cast<uint32_t>(resident_ctas(kernel, kCtaThreads<Warps>, smem) * sms);
       kernel<<<static_cast<unsigned>(num), kCtaThreads<Warps>, smem, stream>>>(args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
