@@ -130,12 +130,23 @@ build() {
 
 # The codec benchmark of the package in the tree $1 (. for this one), with the real
 # pages of .gpu/kv_pages.pt when carried: $OUT/$2.json and .png, its output in $OUT/$3.
+# The codec benchmark of the tree at $1, results as $OUT/$2.json and its log as $3.
+# The GPU's SM clock, power and clock-limiting reasons are sampled alongside into
+# $OUT/$2_clocks.csv: the same kernels have run 10-20% apart between calls of one
+# lease, and decompression (unchanged code) moved with compression, as a clock does.
+# The log's summary takes the samples above 1 GHz (the idle clock is 345 MHz).
 codec_benchmark() {
-  local kv_pages=()
+  local kv_pages=() sampler
   [ -f .gpu/kv_pages.pt ] && kv_pages=(--kv-pages "$PWD/.gpu/kv_pages.pt")
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv,noheader,nounits -lms 250 > "$OUT/$2_clocks.csv" 2>&1 &
+  sampler=$!
   # shellcheck disable=SC2086  # CODEC_ARGS (e.g. "--dtypes bf16") is a list of words
   PYTHONPATH="$PWD/$1:$PYTHONPATH" python3 "$1/benchmarks/benchmark_codec.py" "${kv_pages[@]}" \
     --out "$OUT/$2" ${CODEC_ARGS:-} > "$OUT/$3" 2>&1 || status=1
+  kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null
+  awk -F', ' '$2 > 1000 {print $2}' "$OUT/$2_clocks.csv" | sort -n \
+    | awk '{v[NR] = $1} END {if (NR) printf "%s: SM clock while busy, median %d MHz (%d..%d)\n", "'"$2"'", v[int((NR + 1) / 2)], v[1], v[NR]}'
 }
 
 codec() {
