@@ -37,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
 from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.kv_offload.factory import OffloadingSpecFactory
 from vllm.v1.outputs import KVConnectorOutput
+from vllm.v1.request import Request
 from vllm_kvcompress.logger import init_logger
 from vllm_kvcompress.offload.manager import BlockStoreReport, CompressedCPUOffloadingManager
 from vllm_kvcompress.offload.spec import CompressedCPUOffloadingSpec, KVGeometry
@@ -112,9 +113,38 @@ class CompressedOffloadingConnectorWorker(OffloadingConnectorWorker):
         return meta
 
 
+# A host hit must reach this many blocks past the GPU prefix to be loaded; a shorter
+# one is recomputed. A prompt whose every full block sits in the GPU cache still has
+# its last block looked up on the host (vLLM recomputes at least the last token), and
+# that one-block load waited for the decompression and the step that reports it: GPU
+# prefix hits took 34-57 ms against native offloading's 27-30 and 21 without
+# offloading (docs/results/2026-11-24-h100-4). Recomputing a block's tokens rides in
+# the step that computes the last token anyway.
+MIN_LOAD_BLOCKS = 2
+
+
+def worth_loading(hit_tokens: int, block_tokens: int) -> bool:
+    """Whether ``hit_tokens`` found in the host cache past the GPU prefix, in blocks
+    of ``block_tokens``, are loaded rather than recomputed."""
+    return hit_tokens >= MIN_LOAD_BLOCKS * block_tokens
+
+
 class CompressedOffloadingConnectorScheduler(OffloadingConnectorScheduler):
     """Feeds worker reports to the manager before vLLM completes their jobs, so a
-    store is trimmed to its real size and a bad block is dropped as its load ends."""
+    store is trimmed to its real size and a bad block is dropped as its load ends;
+    recomputes host hits too short to be worth a load (:func:`worth_loading`)."""
+
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        hit_tokens, load_async = super().get_num_new_matched_tokens(request,
+                                                                    num_computed_tokens)
+        block_tokens = min(g.tokens_per_chunk for g in self.config.kv_group_configs)
+        if hit_tokens and not worth_loading(hit_tokens, block_tokens):
+            manager = self.manager
+            assert isinstance(manager, CompressedCPUOffloadingManager)
+            manager.record_short_hit(-(-hit_tokens // block_tokens))
+            return 0, False
+        return hit_tokens, load_async
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta

@@ -158,6 +158,10 @@ class CompressedCPUOffloadingManager(OffloadingManager):
                 if key not in self._readers:
                     self._drop(key)
 
+    def record_short_hit(self, blocks: int) -> None:
+        """Counts host-cache blocks the scheduler chose to recompute rather than load."""
+        self._stats.increase_counter(CompressionMetrics.SHORT_HITS_RECOMPUTED, blocks)
+
     # --- OffloadingManager ---
 
     @override

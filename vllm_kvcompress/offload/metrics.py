@@ -31,6 +31,7 @@ class CompressionMetrics:
     STORES_FAILED = "vllm:kv_offload_stores_failed"
     STORES_OVERSIZED = "vllm:kv_offload_stores_oversized"
     LOADS_FAILED = "vllm:kv_offload_loads_failed"
+    SHORT_HITS_RECOMPUTED = "vllm:kv_offload_short_hits_recomputed"
     UNCOMPRESSED_BYTES_STORED = "vllm:kv_offload_uncompressed_bytes_stored"
     COMPRESSED_BYTES_STORED = "vllm:kv_offload_compressed_bytes_stored"
 
@@ -63,6 +64,9 @@ def metric_definitions() -> dict[str, OffloadingMetricMetadata]:
         m.LOADS_FAILED: counter(
             "KV blocks whose reload failed its checks (checksum, format); they were "
             "recomputed and dropped from the host cache."),
+        m.SHORT_HITS_RECOMPUTED: counter(
+            "KV blocks found in the host cache but recomputed: a hit of fewer blocks past "
+            "the GPU prefix than a load is worth (connector.MIN_LOAD_BLOCKS)."),
         m.UNCOMPRESSED_BYTES_STORED: counter("Uncompressed KV bytes of the blocks stored."),
         m.COMPRESSED_BYTES_STORED: counter("Bytes written to the host arena by stores."),
     }
