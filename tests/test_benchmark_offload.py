@@ -89,6 +89,7 @@ def test_summary_compares_cold_prefill_while_evicting_with_no_offloading() -> No
     assert summary["cold_slowdown_compressed_evicting"] == pytest.approx(0.10)
     assert summary["cold_slowdown_native_evicting"] == pytest.approx(0.03)
     assert summary["reload_overhead_vs_native"] == pytest.approx(11 / 24)
+    assert summary["reload_overhead_vs_native_over_none_gpu_hit"] == pytest.approx(12 / 24)
     assert summary["host_tokens_vs_native"] == pytest.approx(3.3)
 
 
