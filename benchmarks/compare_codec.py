@@ -7,6 +7,12 @@ pairs the rows of those runs by configuration and reports variant / base for
 compression, decompression and the device copy timed beside them (the copy's ratio
 shows how much the GPU itself moved between runs).
 
+Within one call, all runs of one build have measured 5-10% off the other build's in
+every kernel, the one whose code the patch did not touch included; the copy moved
+less. When the patch leaves one kernel's code alone, ``--unchanged decompress`` (or
+``compress``) divides the other kernel's ratio by that kernel's, configuration by
+configuration, which takes out what moved both.
+
 Example::
 
     python benchmarks/compare_codec.py --base out/base_1.json out/base_2.json \
@@ -41,9 +47,14 @@ def median_rates(paths: list[Path]) -> dict[tuple, dict[str, float]]:
             for key, rates in samples.items()}
 
 
-def compare(base: dict[tuple, dict[str, float]],
-            variant: dict[tuple, dict[str, float]]) -> list[dict]:
-    """One row per configuration timed in both builds, in the base runs' order."""
+KERNELS = ("compress", "decompress")
+
+
+def compare(base: dict[tuple, dict[str, float]], variant: dict[tuple, dict[str, float]],
+            unchanged: str | None = None) -> list[dict]:
+    """One row per configuration timed in both builds, in the base runs' order; with
+    ``unchanged`` (a kernel the variant did not change), also the other kernel's ratio
+    over that one's, as ``<kernel>_ratio_net``."""
     rows = []
     for key, b in base.items():
         v = variant.get(key)
@@ -54,6 +65,9 @@ def compare(base: dict[tuple, dict[str, float]],
             row[f"base_{field}"] = b[field]
             row[f"variant_{field}"] = v[field]
             row[f"{field.removesuffix('_gbps')}_ratio"] = v[field] / b[field]
+        if unchanged is not None:
+            changed = next(k for k in KERNELS if k != unchanged)
+            row[f"{changed}_ratio_net"] = row[f"{changed}_ratio"] / row[f"{unchanged}_ratio"]
         rows.append(row)
     if not rows:
         raise SystemExit("the base and variant runs share no configuration")
@@ -65,9 +79,12 @@ def main() -> None:
     parser.add_argument("--base", nargs="+", type=Path, required=True)
     parser.add_argument("--variant", nargs="+", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="JSON output")
+    parser.add_argument("--unchanged", choices=KERNELS,
+                        help="a kernel the variant leaves as it is: the other kernel's "
+                        "ratio is also reported over this one's")
     args = parser.parse_args()
 
-    rows = compare(median_rates(args.base), median_rates(args.variant))
+    rows = compare(median_rates(args.base), median_rates(args.variant), args.unchanged)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"base": [str(p) for p in args.base],
                                     "variant": [str(p) for p in args.variant],
@@ -80,7 +97,9 @@ def main() -> None:
               f"{r['base_compress_gbps']:>8.0f} ->{r['variant_compress_gbps']:>5.0f}"
               f"{r['base_decompress_gbps']:>9.0f} ->{r['variant_decompress_gbps']:>5.0f}"
               f"{r['compress_ratio']:>8.3f}{r['decompress_ratio']:>7.3f}{r['copy_ratio']:>8.3f}")
-    for field in ("compress_ratio", "decompress_ratio", "copy_ratio"):
+    fields = ["compress_ratio", "decompress_ratio", "copy_ratio"]
+    fields += [f for f in ("compress_ratio_net", "decompress_ratio_net") if f in rows[0]]
+    for field in fields:
         values = [r[field] for r in rows]
         print(f"{field}: median {statistics.median(values):.3f}, "
               f"range {min(values):.3f}-{max(values):.3f}")

@@ -181,8 +181,9 @@ EOF2
 # The working tree's build ("base", from `build`) against a copy of the tree with
 # COMPARE_PATCH applied ("variant"), the codec benchmark run in ABBA order
 # COMPARE_ROUNDS times (default 1) with CODEC_ARGS, and benchmarks/compare_codec.py's
-# table of variant / base. Timing only: the variant's tests run by applying the patch
-# to the tree and calling `build`.
+# table of variant / base (COMPARE_UNCHANGED=decompress or compress: that kernel's
+# ratio also nets out the other's). Timing only: the variant's tests run by applying
+# the patch to the tree and calling `build`.
 compare() {
   [ -f "${COMPARE_PATCH:-}" ] || { echo "compare: set COMPARE_PATCH to a patch file"; status=1; return; }
   local variant=build/compare-variant base=() other=()
@@ -201,6 +202,7 @@ compare() {
     other+=("$OUT/variant_${round}a.json" "$OUT/variant_${round}b.json")
   done
   python3 benchmarks/compare_codec.py --base "${base[@]}" --variant "${other[@]}" \
+    ${COMPARE_UNCHANGED:+--unchanged "$COMPARE_UNCHANGED"} \
     --out "$OUT/compare.json" | tee "$OUT/compare.txt" | tail -40
 }
 

@@ -1289,7 +1289,7 @@ __device__ __forceinline__ uint32_t write_lane_blocks(const LaneBlocks& lb,
 // in the same launch, so flags are stored and loaded relaxed. Release and acquire
 // cost a MEMBAR.ALL.GPU before each store and a CCTL.IVALL, which drops the whole L1
 // of the SM, after every load of the look-back's spin (sm_90); relaxed, compression
-// ran a median 3% faster (docs/codec-kernel-notes.md, "Relaxed look-back flags and an
+// ran a median 3-4% faster (docs/codec-kernel-notes.md, "Relaxed look-back flags and an
 // L2 prefetch during the wait").
 __device__ void publish(unsigned long long* flag, unsigned long long v) {
   cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> ref(*flag);
@@ -1309,7 +1309,7 @@ __device__ void publish_length(unsigned long long* flags, uint32_t idx, uint64_t
 // the CTA started when this one ends takes about ticket `idx + resident`. Called by
 // the warps that do not look back, while warp 0 waits for the pages before this one:
 // their DRAM reads then overlap the wait instead of coming after it. `t` counts the
-// calling threads from 0 to `threads`; a prefetch brings one L2 line. About +3.5% on
+// calling threads from 0 to `threads`; a prefetch brings one L2 line. About +2.4% on
 // compression (docs/codec-kernel-notes.md, the same section as the relaxed flags).
 __device__ void prefetch_next_page(const CompressArgs& a, uint32_t idx, uint32_t bytes,
                                    uint32_t t, uint32_t threads) {

@@ -47,6 +47,12 @@ def test_compare_pairs_configurations_and_takes_medians(tmp_path: Path) -> None:
     assert row["compress_ratio"] == pytest.approx(1.2)
     assert row["decompress_ratio"] == pytest.approx(1500 / 1400)
     assert row["copy_ratio"] == pytest.approx(0.8)
+    assert "compress_ratio_net" not in row
+    # The variant left decompression alone: its ratio is what moved both builds' runs.
+    (net,) = compare_codec.compare(base, variant, unchanged="decompress")
+    assert net["compress_ratio_net"] == pytest.approx(1.2 / (1500 / 1400))
+    (net,) = compare_codec.compare(base, variant, unchanged="compress")
+    assert net["decompress_ratio_net"] == pytest.approx((1500 / 1400) / 1.2)
     # A build that names its automatic CTA size (0) pairs with one that predates it.
     named = tmp_path / "variant_named.json"
     row = json.loads(run("variant_b", 1100, 1400).read_text())["rows"][0]
