@@ -184,6 +184,8 @@ struct CudaType<kFp32> {
   __device__ static float2 round_pair(float a, float b) { return make_float2(a, b); }
 };
 
+// What one prefetch.global.L2 brings in: a 128-byte L2 line (prefetching every 32
+// bytes measured the same, docs/codec-kernel-notes.md).
 constexpr uint32_t kL2LineBytes = 128;
 
 // Look-back flag: state in the top two bits, an inclusive or partial byte count below.
