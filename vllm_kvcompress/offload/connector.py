@@ -34,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading.worker import (
 from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
     OffloadingConnector,
 )
+from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.kv_offload.factory import OffloadingSpecFactory
 from vllm.v1.outputs import KVConnectorOutput
@@ -138,13 +139,15 @@ class CompressedOffloadingConnectorScheduler(OffloadingConnectorScheduler):
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         hit_tokens, load_async = super().get_num_new_matched_tokens(request,
                                                                     num_computed_tokens)
+        if not hit_tokens:
+            return hit_tokens, load_async
         block_tokens = min(g.tokens_per_chunk for g in self.config.kv_group_configs)
-        if hit_tokens and not worth_loading(hit_tokens, block_tokens):
-            manager = self.manager
-            assert isinstance(manager, CompressedCPUOffloadingManager)
-            manager.record_short_hit(-(-hit_tokens // block_tokens))
-            return 0, False
-        return hit_tokens, load_async
+        if worth_loading(hit_tokens, block_tokens):
+            return hit_tokens, load_async
+        manager = self.manager
+        assert isinstance(manager, CompressedCPUOffloadingManager)
+        manager.record_short_hit(cdiv(hit_tokens, block_tokens))
+        return 0, False
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
