@@ -8,6 +8,10 @@ roofline a codec that reads and writes every byte cannot beat), the compression
 ratio, the fraction of pages stored raw, and the largest error relative to the
 promised bound. Prints a table and writes JSON and a PNG plot.
 
+Rates are over the GPU time of one call, the host's work to make it hidden behind a
+GPU spin and L2 emptied before it (time_call); beside them, the host microseconds of
+a call and the rate of a call made on an idle GPU, host work included.
+
 Example::
 
     python benchmarks/benchmark_codec.py --kv-pages .gpu/kv_pages.pt --out results/codec
@@ -22,7 +26,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,26 +54,67 @@ class Row:
     raw_fraction: float
     max_err_over_bound: float
     bound_violations: int
+    # GB/s of uncompressed KV over the GPU time of one call (time_call)
     compress_gbps: float
     decompress_gbps: float
     copy_gbps: float
     compress_pct_of_copy: float
     decompress_pct_of_copy: float
+    # Host microseconds of one call, and GB/s over the time a call takes on an idle GPU,
+    # host work included: what a caller that waits on every call would see.
+    compress_host_us: float
+    decompress_host_us: float
+    compress_idle_gbps: float
+    decompress_idle_gbps: float
+    copy_idle_gbps: float
 
 
-def time_ms(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() between CUDA events."""
+# Host work of a timed call (Python, argument checks, the op's dispatch, the launch)
+# happens while the GPU runs a spin of this many cycles (about 1 ms on an H100), so the
+# events around the call time the GPU's work alone. Timed on an idle GPU instead, the
+# host's part lands between the start event and the kernel and varies from process to
+# process.
+HOST_COVER_CYCLES = 2_000_000
+# Bytes written between timed calls so that no call finds its pages in L2 (50 MiB on an
+# H100): KV pages are compressed long after they were written.
+L2_FLUSH_BYTES = 256 << 20
+
+
+@dataclass
+class Timing:
+    """Medians of one call: its GPU time (host work hidden behind a spin), the host time
+    of the call itself, and the time between events around it on an idle GPU, which
+    includes the host work (how this benchmark timed before 2026-11-24, fifth session)."""
+
+    gpu_ms: float
+    host_ms: float
+    idle_gpu_ms: float
+
+
+def time_call(fn: Callable[[], object], warmup: int, iters: int, flush: torch.Tensor) -> Timing:
     for _ in range(warmup):
         fn()
-    times = []
+    gpu, host, idle = [], [], []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush.zero_()
+        torch.cuda._sleep(HOST_COVER_CYCLES)
+        start.record()
+        began = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - began) * 1e3)
+        end.record()
+        end.synchronize()
+        gpu.append(start.elapsed_time(end))
+
+        flush.zero_()
+        torch.cuda.synchronize()
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        idle.append(start.elapsed_time(end))
+    return Timing(statistics.median(gpu), statistics.median(host), statistics.median(idle))
 
 
 def synthetic_pages(num_pages: int, tokens: int, channels: int, seed: int) -> torch.Tensor:
@@ -138,10 +183,11 @@ def measure(source: str, pages: torch.Tensor, unique: int, config: CodecConfig, 
     err = (x - y).abs().amax(1)
     over = torch.where(bound > 0, err / bound, torch.where(err > 0, torch.inf, 0.0))
 
-    t_c = time_ms(lambda: compress_pages(pages, ids, config, out=out), warmup, iters)
-    t_d = time_ms(lambda: decompress_pages(compressed, dst, ids), warmup, iters)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    t_c = time_call(lambda: compress_pages(pages, ids, config, out=out), warmup, iters, flush)
+    t_d = time_call(lambda: decompress_pages(compressed, dst, ids), warmup, iters, flush)
     copy_dst = torch.empty_like(pages)
-    t_copy = time_ms(lambda: copy_dst.copy_(pages), warmup, iters)
+    t_copy = time_call(lambda: copy_dst.copy_(pages), warmup, iters, flush)
     gbps = lambda ms: nbytes / ms / 1e6  # noqa: E731
     return Row(
         source=source, dtype=dtype, mode=config.mode.name.lower(), rows=config.rows,
@@ -149,8 +195,12 @@ def measure(source: str, pages: torch.Tensor, unique: int, config: CodecConfig, 
         page_bytes=pages.shape[1] * pages.element_size(),
         ratio=ratio, raw_fraction=(table[:, 2] != 0).float().mean().item(),
         max_err_over_bound=over.max().item(), bound_violations=int((err > bound).sum().item()),
-        compress_gbps=gbps(t_c), decompress_gbps=gbps(t_d), copy_gbps=gbps(t_copy),
-        compress_pct_of_copy=100 * t_copy / t_c, decompress_pct_of_copy=100 * t_copy / t_d)
+        compress_gbps=gbps(t_c.gpu_ms), decompress_gbps=gbps(t_d.gpu_ms),
+        copy_gbps=gbps(t_copy.gpu_ms), compress_pct_of_copy=100 * t_copy.gpu_ms / t_c.gpu_ms,
+        decompress_pct_of_copy=100 * t_copy.gpu_ms / t_d.gpu_ms,
+        compress_host_us=1e3 * t_c.host_ms, decompress_host_us=1e3 * t_d.host_ms,
+        compress_idle_gbps=gbps(t_c.idle_gpu_ms), decompress_idle_gbps=gbps(t_d.idle_gpu_ms),
+        copy_idle_gbps=gbps(t_copy.idle_gpu_ms))
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -243,14 +293,16 @@ def main() -> None:
     plot([r for r in results if r.codec_warps == warps_list[0]], Path(f"{args.out}.png"))
     header = (f"{'source':<22}{'dt':<5}{'mode':<8}{'rows':>4}{'eb':>8}{'w':>2}{'ratio':>7}"
               f"{'raw%':>6}{'err/eb':>7}{'comp GB/s':>10}{'dec GB/s':>9}{'copy':>7}{'c%':>5}"
-              f"{'d%':>5}")
+              f"{'d%':>5}{'host us c/d':>13}{'idle GB/s c/d':>14}")
     print(header)
     for r in results:
         print(f"{r.source[:21]:<22}{r.dtype:<5}{r.mode:<8}{r.rows:>4}{r.rel_eb:>8.0e}"
               f"{r.codec_warps:>2}{r.ratio:>7.2f}{100 * r.raw_fraction:>6.0f}"
               f"{r.max_err_over_bound:>7.3f}"
               f"{r.compress_gbps:>10.0f}{r.decompress_gbps:>9.0f}{r.copy_gbps:>7.0f}"
-              f"{r.compress_pct_of_copy:>5.0f}{r.decompress_pct_of_copy:>5.0f}")
+              f"{r.compress_pct_of_copy:>5.0f}{r.decompress_pct_of_copy:>5.0f}"
+              f"{r.compress_host_us:>7.0f}/{r.decompress_host_us:<5.0f}"
+              f"{r.compress_idle_gbps:>8.0f}/{r.decompress_idle_gbps:<5.0f}")
     violations = sum(r.bound_violations for r in results)
     print(f"bound violations: {violations}")
     if violations:
