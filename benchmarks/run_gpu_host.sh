@@ -9,6 +9,7 @@
 #       runs the kernel tests (CPU vs GPU byte identity) and compute-sanitizer memcheck
 #   bash benchmarks/run_gpu_host.sh codec      # carry .gpu/kv_pages.pt: codec benchmark
 #       (CODEC_ARGS: extra arguments for benchmarks/benchmark_codec.py)
+#   bash benchmarks/run_gpu_host.sh sizes      # the codec benchmark by page size and CTA size
 #   bash benchmarks/run_gpu_host.sh compare    # COMPARE_PATCH=FILE: the codec benchmark of this
 #       tree and of a patched copy, alternately in one call (after `build`)
 #   bash benchmarks/run_gpu_host.sh vllm       # carry .gpu/deps.tar.xz .gpu/fa3.xz .gpu/fidelity
@@ -152,6 +153,17 @@ codec_benchmark() {
 codec() {
   codec_benchmark . codec benchmark_codec.log
   grep -v "codec configs" "$OUT/benchmark_codec.log" | tail -40
+}
+
+# bf16 pages of 4 to 32 KiB (and the real pages when carried) in CTAs of 2, 4 and 8
+# warps, rel eb 1e-2, every mode and layout: the data behind the automatic CTA size
+# (automatic_cta_warps in csrc/codec_cuda.cu). 64 KiB pages are left out: CTAs of 2
+# warps cannot decompress them.
+sizes() {
+  CODEC_ARGS="--dtypes bf16 --rel-ebs 1e-2 --codec-warps 2 4 8 --synthetic-shapes 16x2x64 \
+    16x4x64 16x8x64 16x12x32 16x16x64 16x8x128 ${SIZES_ARGS:-}" \
+    codec_benchmark . codec_sizes benchmark_codec_sizes.log
+  tail -1 "$OUT/benchmark_codec_sizes.log"
 }
 
 # The small Llama of benchmarks/train_tiny_llama.py (once per host) and held-out
@@ -341,6 +353,7 @@ for phase in "${@:-build}"; do
     build) build || exit 1 ;;
     kernels) ;;
     codec) codec ;;
+    sizes) sizes ;;
     compare) compare ;;
     vllm) vllm_phase ;;
     e2e) e2e ;;
