@@ -2817,24 +2817,28 @@ int forced_cta_warps() {
   return forced;
 }
 
-// The most runs of 32 blocks the automatic CTA size gives each of its warps.
-constexpr int kMaxRunsPerWarp = 3;
+// The most runs of 32 blocks the automatic CTA size gives each of its warps, per
+// kernel. Timed on the H100 with every size forced in turn (bf16, rel 1e-2, every mode
+// and layout; docs/codec-kernel-notes.md, "Timing the GPU alone"): on 32 KiB pages
+// (16 runs) compression ran 5-8% faster in CTAs of 4 warps than of 8, decompression
+// 2-8% slower; on 4-12 KiB pages both were fastest in CTAs of 2, on 16 KiB pages
+// decompression in CTAs of 4 and compression in 2 or 4 alike.
+constexpr int kCompressRunsPerWarp = 4;
+constexpr int kDecompressRunsPerWarp = 3;
 
 // The automatic CTA size for pages of `num_blocks` blocks (docs/codec-kernel-notes.md,
 // "CTA size per page size"): the smallest size that holds the launch's pages and
-// gives each warp at most kMaxRunsPerWarp runs of 32 blocks (a lane a block), else
+// gives each warp at most `runs_per_warp` runs of 32 blocks (a lane a block), else
 // the largest that holds them. Below 16 KiB a page's time is mostly per-page work
 // (header, reductions, barriers, the look-back's wait) that a smaller CTA repeats
 // in fewer warps while more pages are in flight to hide each page's waits; with more
-// runs a warp, the page's blocks take the longer. Measured on the H100 (bf16, every
-// size forced in turn): 2 warps were fastest for 64-192 blocks, 4 for 256, 8 for 512
-// in decompression (4 and 8 within 7% in compression). `ctas(ops)` is how many CTAs
-// of a size an SM holds for the launch (CtaOps), asked of the sizes in turn.
+// runs a warp, the page's blocks take the longer. `ctas(ops)` is how many CTAs of a
+// size an SM holds for the launch (CtaOps), asked of the sizes in turn.
 template <typename Ctas>
-int automatic_cta_warps(uint32_t num_blocks, Ctas&& ctas) {
+int automatic_cta_warps(uint32_t num_blocks, int runs_per_warp, Ctas&& ctas) {
   const int runs = static_cast<int>((num_blocks + 31) / 32);
   for (const int warps : kCtaWarps) {
-    if (runs <= kMaxRunsPerWarp * warps && ctas(cta_ops_for(warps)) > 0) return warps;
+    if (runs <= runs_per_warp * warps && ctas(cta_ops_for(warps)) > 0) return warps;
   }
   for (int i = kCtaSizes - 1; i >= 0; --i) {
     if (ctas(cta_ops_for(kCtaWarps[i])) > 0) return kCtaWarps[i];
@@ -2866,7 +2870,8 @@ void compress_cuda(at::TensorList sources, const at::Tensor& page_ids, double eb
   if (warps == 0) {
     bool aligned = false;
     page_views<const uint8_t*>(sources, &aligned);
-    warps = automatic_cta_warps(shared_layout(0, n).num_blocks, [&](const CtaOps& ops) {
+    warps = automatic_cta_warps(shared_layout(0, n).num_blocks, kCompressRunsPerWarp,
+                                [&](const CtaOps& ops) {
       return ops.compress_ctas(src.scalar_type(), mode, n, static_cast<uint32_t>(rows), aligned);
     });
   }
@@ -2890,7 +2895,8 @@ void decompress_cuda(const at::Tensor& buf, const at::Tensor& page_table, at::Te
   if (warps == 0) {
     bool aligned = false;
     page_views<uint8_t*>(dests, &aligned);
-    warps = automatic_cta_warps(shared_layout(0, n).num_blocks, [&](const CtaOps& ops) {
+    warps = automatic_cta_warps(shared_layout(0, n).num_blocks, kDecompressRunsPerWarp,
+                                [&](const CtaOps& ops) {
       return ops.decompress_ctas(dst.scalar_type(), n, aligned);
     });
   }
