@@ -2818,27 +2818,31 @@ int forced_cta_warps() {
 }
 
 // The most runs of 32 blocks the automatic CTA size gives each of its warps, per
-// kernel. Timed on the H100 with every size forced in turn (bf16, rel 1e-2, every mode
-// and layout; docs/codec-kernel-notes.md, "Timing the GPU alone"): on 32 KiB pages
-// (16 runs) compression ran 5-8% faster in CTAs of 4 warps than of 8, decompression
-// 2-8% slower; on 4-12 KiB pages both were fastest in CTAs of 2, on 16 KiB pages
-// decompression in CTAs of 4 and compression in 2 or 4 alike.
+// kernel, and the fewest warps its CTAs must keep resident on an SM. Timed on the H100
+// with every size forced in turn (bf16 and fp32 pages of 4 to 64 KiB, rel 1e-2, every
+// mode and layout; docs/codec-kernel-notes.md, "Timing the GPU alone"): bf16 pages of
+// 32 KiB (16 runs) compress 5-8% faster in CTAs of 4 warps than of 8 and decompress
+// 2-8% slower; fp32 pages of 24 and 32 KiB (6 and 8 runs), whose CTAs of 2 warps
+// shared memory holds only 8 and 6 of an SM, run 3-12% faster in CTAs of 4.
 constexpr int kCompressRunsPerWarp = 4;
 constexpr int kDecompressRunsPerWarp = 3;
+constexpr int kMinResidentWarps = 24;
 
 // The automatic CTA size for pages of `num_blocks` blocks (docs/codec-kernel-notes.md,
-// "CTA size per page size"): the smallest size that holds the launch's pages and
-// gives each warp at most `runs_per_warp` runs of 32 blocks (a lane a block), else
-// the largest that holds them. Below 16 KiB a page's time is mostly per-page work
-// (header, reductions, barriers, the look-back's wait) that a smaller CTA repeats
-// in fewer warps while more pages are in flight to hide each page's waits; with more
-// runs a warp, the page's blocks take the longer. `ctas(ops)` is how many CTAs of a
-// size an SM holds for the launch (CtaOps), asked of the sizes in turn.
+// "CTA size per page size"): the smallest size that gives each warp at most
+// `runs_per_warp` runs of 32 blocks (a lane a block) and of whose CTAs an SM holds at
+// least kMinResidentWarps warps, else the largest that holds the launch's pages.
+// Below 16 KiB a page's time is mostly per-page work (header, reductions, barriers,
+// the look-back's wait) that a smaller CTA repeats in fewer warps while more pages are
+// in flight to hide each page's waits; with more runs a warp, the page's blocks take
+// the longer, and with fewer warps an SM, its loads wait uncovered. `ctas(ops)` is how
+// many CTAs of a size an SM holds for the launch (CtaOps), asked of the sizes in turn.
 template <typename Ctas>
 int automatic_cta_warps(uint32_t num_blocks, int runs_per_warp, Ctas&& ctas) {
   const int runs = static_cast<int>((num_blocks + 31) / 32);
   for (const int warps : kCtaWarps) {
-    if (runs <= runs_per_warp * warps && ctas(cta_ops_for(warps)) > 0) return warps;
+    if (runs > runs_per_warp * warps) continue;
+    if (ctas(cta_ops_for(warps)) * warps >= kMinResidentWarps) return warps;
   }
   for (int i = kCtaSizes - 1; i >= 0; --i) {
     if (ctas(cta_ops_for(kCtaWarps[i])) > 0) return kCtaWarps[i];
