@@ -76,3 +76,21 @@ def test_codec_warps_is_set_for_a_run_and_restored(monkeypatch: pytest.MonkeyPat
     with benchmark_codec.codec_warps(0):
         assert benchmark_codec.current_codec_warps() == 0
     assert os.environ[benchmark_codec.CODEC_WARPS] == "8"
+
+
+def test_size_plot_takes_medians_of_synthetic_pages_per_cta_size() -> None:
+    plot_codec_sizes = pytest.importorskip("plot_codec_sizes")
+
+    def row(source: str, warps: int, page_bytes: int, gbps: float) -> dict:
+        return {"source": source, "dtype": "bf16", "codec_warps": warps,
+                "page_bytes": page_bytes, "compress_gbps": gbps, "decompress_gbps": 2 * gbps}
+
+    rows = [row("synthetic 16x8x128", 4, 32768, g) for g in (1200, 1300, 1400)]
+    rows += [row("synthetic 16x8x128", 0, 32768, 1350), row("synthetic 16x2x64", 2, 4096, 600),
+             row("BertModel key", 2, 12288, 900)]
+    curves = plot_codec_sizes.medians(rows, "compress")
+    assert curves[("bf16", 4)] == {32: 1300}
+    assert curves[("bf16", 0)] == {32: 1350}
+    # Real pages are left out: a page size would then mix shapes.
+    assert curves[("bf16", 2)] == {4: 600}
+    assert plot_codec_sizes.medians(rows, "decompress")[("bf16", 4)] == {32: 2600}
