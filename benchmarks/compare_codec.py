@@ -7,11 +7,13 @@ pairs the rows of those runs by configuration and reports variant / base for
 compression, decompression and the device copy timed beside them (the copy's ratio
 shows how much the GPU itself moved between runs).
 
-Within one call, all runs of one build have measured 5-10% off the other build's in
-every kernel, the one whose code the patch did not touch included; the copy moved
-less. When the patch leaves one kernel's code alone, ``--unchanged decompress`` (or
-``compress``) divides the other kernel's ratio by that kernel's, configuration by
-configuration, which takes out what moved both.
+Runs of one build are also compared with each other: how far apart they sit, per
+configuration, is the noise a ratio must clear. Since the benchmark times the GPU's
+work alone (2026-11-24, fifth session) they agree within about 1%; timed with the
+host's part of each call, they had drifted 5-10% and more. When the patch leaves one
+kernel's code alone, ``--unchanged decompress`` (or ``compress``) divides the other
+kernel's ratio by that kernel's, configuration by configuration, which takes out
+whatever moved both.
 
 Example::
 
@@ -45,6 +47,22 @@ def median_rates(paths: list[Path]) -> dict[tuple, dict[str, float]]:
                 samples[config_key(row)][field].append(row[field])
     return {key: {f: statistics.median(v) for f, v in rates.items()}
             for key, rates in samples.items()}
+
+
+def run_spreads(paths: list[Path]) -> dict[str, list[float]]:
+    """Per rate, how far apart the runs in ``paths`` sit (largest over smallest, less
+    one) for each configuration that more than one of them timed."""
+    samples: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for path in paths:
+        for row in json.loads(path.read_text())["rows"]:
+            for field in RATE_FIELDS:
+                samples[config_key(row)][field].append(row[field])
+    spreads: dict[str, list[float]] = defaultdict(list)
+    for rates in samples.values():
+        for field, values in rates.items():
+            if len(values) > 1:
+                spreads[field].append(max(values) / min(values) - 1)
+    return dict(spreads)
 
 
 KERNELS = ("compress", "decompress")
@@ -85,10 +103,11 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = compare(median_rates(args.base), median_rates(args.variant), args.unchanged)
+    spreads = {"base": run_spreads(args.base), "variant": run_spreads(args.variant)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"base": [str(p) for p in args.base],
                                     "variant": [str(p) for p in args.variant],
-                                    "rows": rows}, indent=1))
+                                    "run_spreads": spreads, "rows": rows}, indent=1))
     print(f"{'source':<22}{'mode':<8}{'rows':>4}{'eb':>8}{'warps':>6}"
           f"{'compress GB/s':>17}{'decompress GB/s':>17}{'x comp':>8}{'x dec':>7}{'x copy':>8}")
     for r in rows:
@@ -103,6 +122,10 @@ def main() -> None:
         values = [r[field] for r in rows]
         print(f"{field}: median {statistics.median(values):.3f}, "
               f"range {min(values):.3f}-{max(values):.3f}")
+    for build, by_field in spreads.items():
+        for field, values in by_field.items():
+            print(f"{build} runs apart, {field.removesuffix('_gbps')}: median "
+                  f"{100 * statistics.median(values):.1f}%, max {100 * max(values):.1f}%")
 
 
 if __name__ == "__main__":

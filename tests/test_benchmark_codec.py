@@ -39,8 +39,14 @@ def test_compare_pairs_configurations_and_takes_medians(tmp_path: Path) -> None:
         path.write_text(json.dumps({"rows": rows if name.startswith("base") else rows[:1]}))
         return path
 
-    base = compare_codec.median_rates([run("base_a", 900, 1400), run("base_b", 1000, 1500),
-                                       run("base_c", 1100, 1300)])
+    base_runs = [run("base_a", 900, 1400), run("base_b", 1000, 1500), run("base_c", 1100, 1300)]
+    base = compare_codec.median_rates(base_runs)
+    # How far apart one build's runs sit: the noise a ratio must clear.
+    spreads = compare_codec.run_spreads(base_runs)
+    assert spreads["compress_gbps"][0] == pytest.approx(1100 / 900 - 1)
+    assert spreads["decompress_gbps"][0] == pytest.approx(1500 / 1300 - 1)
+    assert spreads["copy_gbps"] == [0.0, 0.0]
+    assert compare_codec.run_spreads([run("variant_alone", 1200, 1500)]) == {}
     variant = compare_codec.median_rates([run("variant_a", 1200, 1500, 800)])
     (row,) = compare_codec.compare(base, variant)
     assert row["base_compress_gbps"] == 1000 and row["base_decompress_gbps"] == 1400
