@@ -92,6 +92,8 @@ class Timing:
 
 
 def time_call(fn: Callable[[], object], warmup: int, iters: int, flush: torch.Tensor) -> Timing:
+    """Times fn() both ways, `iters` times after `warmup` calls; `flush` is zeroed
+    before each call to empty L2."""
     for _ in range(warmup):
         fn()
     gpu, host, idle = [], [], []
