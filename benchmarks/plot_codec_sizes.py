@@ -9,6 +9,7 @@ for the automatic one, the median over modes and layouts at each size, with issu
 """
 
 import argparse
+import gzip
 import json
 import statistics
 from collections import defaultdict
@@ -61,10 +62,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="benchmark_codec.py JSON")
+    parser.add_argument("run", type=Path, help="benchmark_codec.py JSON (.json or .json.gz)")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = parser.parse_args()
-    run = json.loads(args.run.read_text())
+    run = json.loads(gzip.decompress(args.run.read_bytes()) if args.run.suffix == ".gz"
+                     else args.run.read_text())
     title = f"Codec by page size and CTA size ({run['meta']['device']}, rel eb 1e-2)"
     plot(run["rows"], args.out, title)
 
