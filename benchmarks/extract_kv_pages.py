@@ -5,7 +5,8 @@ download one. This script runs any local Hugging Face model directory (a causal
 LM with ``k_proj``/``v_proj`` or a BERT-style encoder with ``key``/``value``
 projections) over English text, records every layer's key and value projections
 and cuts them into pages of ``block_size`` tokens x all KV heads, the layout of
-one vLLM KV block. It runs on the CPU; the pages it saves travel to the GPU host.
+one vLLM KV block. It runs the model on the GPU when there is one (``--device``);
+the pages it saves (bf16, on the CPU) travel to the GPU host.
 
 Example::
 
@@ -46,6 +47,23 @@ def to_pages(activations: list[torch.Tensor], block_size: int) -> torch.Tensor:
     return torch.cat(pages)
 
 
+def extract_pages(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, max_sequences: int,
+                  block_size: int) -> dict[str, torch.Tensor]:
+    """Runs ``model`` (already on its device) over up to ``max_sequences`` windows of
+    ``seq_len`` tokens of ``ids``; returns the key and value pages in bf16 on the CPU."""
+    device = next(model.parameters()).device
+    captured, handles = capture_projections(model)
+    try:
+        with torch.no_grad():
+            for start in range(0, min(len(ids), seq_len * max_sequences) - seq_len + 1, seq_len):
+                model(input_ids=ids[start:start + seq_len].unsqueeze(0).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {kind: to_pages(acts, block_size).to(torch.bfloat16).cpu()
+            for kind, acts in captured.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="local model directory")
@@ -54,21 +72,17 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-sequences", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: the GPU when there is one)")
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModel.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    model.to(args.device)
     text = "\n".join(Path(p).read_text(errors="ignore") for p in args.text)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
-    captured, handles = capture_projections(model)
-    with torch.no_grad():
-        for start in range(0, min(len(ids), seq_len * args.max_sequences) - seq_len + 1, seq_len):
-            model(input_ids=ids[start:start + seq_len].unsqueeze(0))
-    for h in handles:
-        h.remove()
-    result = {kind: to_pages(acts, args.block_size).to(torch.bfloat16)
-              for kind, acts in captured.items()}
+    result: dict = extract_pages(model, ids, seq_len, args.max_sequences, args.block_size)
     result["block_size"] = args.block_size
     result["model"] = str(model.config.name_or_path or args.model)
     result["architecture"] = type(model).__name__
