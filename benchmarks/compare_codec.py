@@ -38,27 +38,27 @@ def config_key(row: dict) -> tuple:
     return tuple(row.get(f, KEY_DEFAULTS.get(f)) for f in KEY_FIELDS)
 
 
-def median_rates(paths: list[Path]) -> dict[tuple, dict[str, float]]:
-    """Per configuration, the median of each rate over the runs in ``paths``."""
+def rate_samples(paths: list[Path]) -> dict[tuple, dict[str, list[float]]]:
+    """Per configuration, each rate as the runs in ``paths`` measured it."""
     samples: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for path in paths:
         for row in json.loads(path.read_text())["rows"]:
             for field in RATE_FIELDS:
                 samples[config_key(row)][field].append(row[field])
+    return samples
+
+
+def median_rates(paths: list[Path]) -> dict[tuple, dict[str, float]]:
+    """Per configuration, the median of each rate over the runs in ``paths``."""
     return {key: {f: statistics.median(v) for f, v in rates.items()}
-            for key, rates in samples.items()}
+            for key, rates in rate_samples(paths).items()}
 
 
 def run_spreads(paths: list[Path]) -> dict[str, list[float]]:
     """Per rate, how far apart the runs in ``paths`` sit (largest over smallest, less
     one) for each configuration that more than one of them timed."""
-    samples: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for path in paths:
-        for row in json.loads(path.read_text())["rows"]:
-            for field in RATE_FIELDS:
-                samples[config_key(row)][field].append(row[field])
     spreads: dict[str, list[float]] = defaultdict(list)
-    for rates in samples.values():
+    for rates in rate_samples(paths).values():
         for field, values in rates.items():
             if len(values) > 1:
                 spreads[field].append(max(values) / min(values) - 1)

@@ -131,11 +131,9 @@ build() {
 
 # The codec benchmark of the package in the tree $1 (. for this one), with the real
 # pages of .gpu/kv_pages.pt when carried: $OUT/$2.json and .png, its output in $OUT/$3.
-# The codec benchmark of the tree at $1, results as $OUT/$2.json and its log as $3.
 # The GPU's SM clock, power and clock-limiting reasons are sampled alongside into
-# $OUT/$2_clocks.csv: the same kernels have run 10-20% apart between calls of one
-# lease, and decompression (unchanged code) moved with compression, as a clock does.
-# The log's summary takes the samples above 1 GHz (the idle clock is 345 MHz).
+# $OUT/$2_clocks.csv, so that a run's rates can be read against its clock. The log's
+# summary takes the samples above 1 GHz (the idle clock is 345 MHz).
 codec_benchmark() {
   local kv_pages=() sampler
   [ -f .gpu/kv_pages.pt ] && kv_pages=(--kv-pages "$PWD/.gpu/kv_pages.pt")
